@@ -1,0 +1,1 @@
+"""Data: tokenizers, pretraining streams, chat templates and SFT/DPO datasets."""

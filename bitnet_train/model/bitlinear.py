@@ -1,0 +1,147 @@
+"""BitLinear: absmean ternary weights, per-token absmax int8 activations, straight-through estimator.
+
+The numerical contract (DESIGN.md section 3), shared with transformers' BitNet integration and the
+2B4T release:
+
+    weights      s_w = 1 / mean(|W|).clamp(min=1e-5)   (one scalar per tensor)
+                 T   = round(W * s_w).clamp(-1, 1)      forward uses T / s_w
+    activations  s_x = 127 / max(|x|, dim=-1).clamp(min=1e-5)   (one scalar per token)
+                 x_q = round(x * s_x).clamp(-128, 127)  forward uses x_q / s_x
+
+Both quantizers run in fp32 whatever the autocast dtype and return the input's dtype. The pure
+functions below (`ternary_weight`, `int8_activation`) are also what export packs, so there is one
+definition of the ternary weights in the whole project.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+WEIGHT_EPS = 1e-5
+ACT_EPS = 1e-5
+ACT_QMAX = 127
+ACT_QMIN = -128
+
+
+def ternary_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Absmean-quantize a weight matrix.
+
+    Args:
+        weight: (out, in) latent weights, any float dtype.
+    Returns:
+        T: (out, in) int8 codes in {-1, 0, 1}.
+        scale: fp32 scalar tensor ``a = mean(|W|).clamp(min=1e-5)``, so that the forward uses
+            ``W_q = a * T``. Note ``a = 1 / s_w``.
+    """
+    w = weight.detach().float()
+    a = w.abs().mean().clamp(min=WEIGHT_EPS)
+    codes = (w * (1.0 / a)).round().clamp(-1, 1)  # same ops as the training forward
+    return codes.to(torch.int8), a
+
+
+def int8_activation(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token absmax int8 quantization.
+
+    Args:
+        x: (..., features) activations, any float dtype.
+    Returns:
+        x_q: (..., features) fp32 integer codes in [-128, 127].
+        s_x: (..., 1) fp32 scales; the dequantized activation is ``x_q / s_x``.
+    """
+    xf = x.float()
+    s_x = ACT_QMAX / xf.abs().amax(dim=-1, keepdim=True).clamp(min=ACT_EPS)
+    return (xf * s_x).round().clamp(ACT_QMIN, ACT_QMAX), s_x
+
+
+def fake_quant_weight_ref(weight: Tensor) -> Tensor:
+    """Dequantized ternary weight ``T / s_w`` in the weight's dtype (no gradient logic)."""
+    w = weight.float()
+    s_w = 1.0 / w.abs().mean().clamp(min=WEIGHT_EPS)
+    return ((w * s_w).round().clamp(-1, 1) / s_w).to(weight.dtype)
+
+
+def fake_quant_activation_ref(x: Tensor) -> Tensor:
+    """Dequantized int8 activation ``x_q / s_x`` in x's dtype (no gradient logic)."""
+    x_q, s_x = int8_activation(x)
+    return (x_q / s_x).to(x.dtype)
+
+
+class _WeightSTE(torch.autograd.Function):
+    """Forward: ternary fake-quantization. Backward: identity (straight-through).
+
+    A custom Function rather than ``w + (q - w).detach()`` so the forward is bit-exact: the
+    detach trick adds and subtracts w, which is not an identity in floating point.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: Tensor) -> Tensor:  # noqa: D102
+        return fake_quant_weight_ref(weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+        return grad
+
+
+class _ActivationSTE(torch.autograd.Function):
+    """Forward: per-token int8 fake-quantization. Backward: identity (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: D102
+        return fake_quant_activation_ref(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+        return grad
+
+
+def quantize_weight_ste(weight: Tensor) -> Tensor:
+    """Ternary fake-quantized weight with a straight-through gradient."""
+    return _WeightSTE.apply(weight)
+
+
+def quantize_activation_ste(x: Tensor) -> Tensor:
+    """Int8 fake-quantized activation with a straight-through gradient."""
+    return _ActivationSTE.apply(x)
+
+
+class BitLinear(nn.Module):
+    """A bias-free linear layer computing ``quant_a(x) @ quant_w(W).T`` (W1.58A8).
+
+    The latent ``weight`` (out, in) stays in full precision and receives straight-through
+    gradients. ``freeze()`` switches to an inference mode that keeps the ternary codes and scale
+    as buffers, so the weight quantizer is not recomputed each call.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self._frozen: Tensor | None = None
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., in) -> (..., out)."""
+        x_q = quantize_activation_ste(x)
+        w_q = self._frozen if self._frozen is not None else quantize_weight_ste(self.weight)
+        return F.linear(x_q, w_q.to(x_q.dtype))
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Cache the dequantized ternary weight (inference only; gradients stop flowing to W)."""
+        self._frozen = fake_quant_weight_ref(self.weight)
+
+    def unfreeze(self) -> None:
+        """Return to training mode (quantize the latent weight every call)."""
+        self._frozen = None
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias=False"

@@ -1,0 +1,270 @@
+"""BitNet b1.58 decoder (2B4T architecture) in plain PyTorch.
+
+Pre-norm blocks; GQA attention with split-half RoPE through SDPA and an RMSNorm (`attn_sub_norm`)
+before `o_proj`; a gated FFN ``down(ffn_sub_norm(act(gate(x)) * up(x)))`` with act = relu^2 (2B4T)
+or SiLU; every projection a BitLinear; embeddings and lm_head full precision; no biases anywhere.
+Parameter names equal transformers' `BitNetForCausalLM`, so state dicts move both ways unchanged.
+
+The model knows nothing of parallelism, compilation or losses beyond a hook: `forward(...,
+head_fn=f)` hands the final hidden states and the lm_head weight to `f`, so objectives can use a
+fused linear cross-entropy (Liger) without materialising logits, while staying inside `forward`
+(which DDP and FSDP need).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bitnet_train.model.bitlinear import BitLinear
+from bitnet_train.model.config import BitNetConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm without bias, computed in fp32 (as transformers' LlamaRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Split-half ("rotate_half", NEOX) RoPE tables from position ids."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """position_ids (B, L) -> cos, sin each (B, L, head_dim), in `dtype`."""
+        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, L, head_dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, heads, L, head_dim); cos/sin (B, L, head_dim)."""
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+def build_attention_mask(
+    batch: int,
+    seq: int,
+    device: torch.device,
+    attention_mask: Tensor | None = None,
+    document_ids: Tensor | None = None,
+) -> Tensor | None:
+    """Boolean SDPA mask (B, 1, L, L), True = may attend; None means plain causal.
+
+    attention_mask (B, L): 1 for real tokens, 0 for padding. document_ids (B, L): tokens attend
+    only to earlier tokens of the same document (packed sequences). A query row with no visible
+    key (left padding) may see itself, so SDPA never produces NaN; such rows are padding and
+    carry no loss.
+    """
+    if attention_mask is None and document_ids is None:
+        return None
+    idx = torch.arange(seq, device=device)
+    mask = (idx[None, :] <= idx[:, None])[None]  # (1, L, L) causal
+    if document_ids is not None:
+        mask = mask & (document_ids[:, :, None] == document_ids[:, None, :])
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, :]
+    mask = mask | torch.eye(seq, dtype=torch.bool, device=device)[None]
+    return mask.expand(batch, seq, seq)[:, None]
+
+
+class BitNetAttention(nn.Module):
+    def __init__(self, config: BitNetConfig) -> None:
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = d
+        self.q_proj = BitLinear(h, self.num_heads * d)
+        self.k_proj = BitLinear(h, self.num_kv_heads * d)
+        self.v_proj = BitLinear(h, self.num_kv_heads * d)
+        self.o_proj = BitLinear(self.num_heads * d, h)
+        self.attn_sub_norm = RMSNorm(h, config.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        b, seq, _ = x.shape
+        q = self.q_proj(x).view(b, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, heads, L, head_dim)
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:  # repeat KV heads; enable_gqa is not supported by every SDPA backend
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        out = out.transpose(1, 2).reshape(b, seq, self.num_heads * self.head_dim)
+        return self.o_proj(self.attn_sub_norm(out))
+
+
+class BitNetMLP(nn.Module):
+    def __init__(self, config: BitNetConfig) -> None:
+        super().__init__()
+        h, m = config.hidden_size, config.intermediate_size
+        self.gate_proj = BitLinear(h, m)
+        self.up_proj = BitLinear(h, m)
+        self.down_proj = BitLinear(m, h)
+        self.ffn_sub_norm = RMSNorm(m, config.rms_norm_eps)
+        self.act: Callable[[Tensor], Tensor] = (
+            (lambda t: F.relu(t).square()) if config.hidden_act == "relu2" else F.silu
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.ffn_sub_norm(self.act(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class BitNetDecoderLayer(nn.Module):
+    def __init__(self, config: BitNetConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = BitNetAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = BitNetMLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class BitNetModel(nn.Module):
+    """Embeddings, decoder stack and final norm: token ids -> hidden states (B, L, hidden)."""
+
+    def __init__(self, config: BitNetConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(BitNetDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        document_ids: Tensor | None = None,
+    ) -> Tensor:
+        b, seq = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=input_ids.device).expand(b, seq)
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        mask = build_attention_mask(b, seq, input_ids.device, attention_mask, document_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return self.norm(x)
+
+
+@dataclass
+class CausalLMOutput:
+    """logits (B, L, vocab) unless a head_fn took over; loss when labels were given."""
+
+    logits: Tensor | None = None
+    loss: Tensor | None = None
+
+
+HeadFn = Callable[[Tensor, Tensor], Any]
+"""(hidden (B, L, H), lm_head weight (vocab, H)) -> whatever the objective needs."""
+
+
+class BitNetForCausalLM(nn.Module):
+    """Causal LM with transformers' BitNetForCausalLM parameter names."""
+
+    def __init__(self, config: BitNetConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.model = BitNetModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Normal(0, initializer_range) for every matrix; residual outputs (o_proj, down_proj)
+        scaled by 1/sqrt(2 * layers) (GPT-2 / OLMo); norm weights 1.
+
+        Why: a BitLinear's output is proportional to mean(|W|) of its latent weight, so the usual
+        depth scaling still controls how fast the residual stream grows; the sub-norms keep each
+        branch's input at unit RMS. Latent weights of std 0.02 sit where LRs around 1e-3 flip a
+        useful fraction of ternary codes per step, which is what BitNet training relies on.
+        """
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        resid_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, BitLinear | nn.Linear | nn.Embedding):
+                s = resid_std if name.endswith(("o_proj", "down_proj")) else std
+                w = module.weight
+                w.copy_(torch.randn(w.shape, generator=gen, dtype=torch.float32).mul_(s).to(w))
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        document_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        head_fn: HeadFn | None = None,
+    ) -> Any:
+        """input_ids (B, L) -> CausalLMOutput, or head_fn(hidden, lm_head.weight) if given.
+
+        labels (B, L) are not shifted (as in transformers): position t predicts labels[t + 1];
+        -100 is ignored. With labels the loss is the mean token cross-entropy.
+        """
+        hidden = self.model(input_ids, attention_mask, position_ids, document_ids)
+        if head_fn is not None:
+            return head_fn(hidden, self.lm_head.weight)
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    def bitlinear_modules(self) -> dict[str, BitLinear]:
+        """Name -> BitLinear for every quantized projection (export walks these)."""
+        return {n: m for n, m in self.named_modules() if isinstance(m, BitLinear)}
+
+    @torch.no_grad()
+    def generate(
+        self, input_ids: Tensor, max_new_tokens: int, eos_token_id: int | None = None
+    ) -> Tensor:
+        """Greedy decoding without a KV cache (re-runs the prefix; fine for tests and demos).
+
+        input_ids (1, L) -> (1, L + n), stopping early at eos_token_id.
+        """
+        ids = input_ids
+        for _ in range(max_new_tokens):
+            logits = self(ids[:, -self.config.max_position_embeddings:]).logits
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+            if eos_token_id is not None and bool((nxt == eos_token_id).all()):
+                break
+        return ids

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny configs keep the CPU suite fast."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from bitnet_train.model import BitNetConfig  # noqa: E402
+
+
+def tiny_config(**overrides) -> BitNetConfig:
+    """hidden 64, 2 layers, 4 heads / 2 KV heads, vocab 512."""
+    kw = dict(
+        vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        rope_theta=10000.0, bos_token_id=1, eos_token_id=2, name="test-tiny",
+    )
+    kw.update(overrides)
+    return BitNetConfig(**kw)
+
+
+@pytest.fixture
+def tiny_cfg() -> BitNetConfig:
+    return tiny_config()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run on the device machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
