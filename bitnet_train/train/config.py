@@ -1,0 +1,233 @@
+"""Typed configuration of a run: Hydra structured configs, converted to dataclasses at the edge.
+
+`register_configs()` puts every schema in Hydra's ConfigStore; the YAML tree under `configs/`
+(and `recipes/`, the `recipe` group) fills them in. An unknown key or a wrong type fails at
+composition, before anything is allocated. `to_train_config(cfg)` turns the composed DictConfig
+into plain dataclasses: nothing downstream reads Hydra objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from bitnet_train.data.config import PretrainDataConfig
+from bitnet_train.data.preference import PreferenceDataConfig
+from bitnet_train.data.sft import SFTDataConfig
+from bitnet_train.errors import ConfigError
+from bitnet_train.model.config import BitNetConfig
+from bitnet_train.train.schedules import ScheduleConfig
+
+OBJECTIVES = ("pretrain", "sft", "dpo")
+
+
+@dataclass
+class ModelSection(BitNetConfig):
+    """The `model` group: a BitNetConfig plus where its weights start from."""
+
+    init: str | None = None
+    """Directory written by `save_model` (e.g. a run's DIR/final) or a transformers BitNet dir
+    (bf16 master or packed). None: random init. Its config.json must match the fields above."""
+
+    def architecture(self) -> BitNetConfig:
+        fields = {f.name for f in dataclasses.fields(BitNetConfig)}
+        return BitNetConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in fields})
+
+
+@dataclass
+class OptimConfig:
+    """AdamW. Learning rate and weight decay come from `schedule`, step by step."""
+
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global grad norm to this; 0 disables clipping."""
+    fused: bool | None = None
+    """Fused CUDA AdamW; None picks it on CUDA."""
+    decay_embeddings: bool = False
+    """Apply weight decay to embeddings (and a tied lm_head) too."""
+
+    def __post_init__(self) -> None:
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+
+
+@dataclass
+class ObjectiveConfig:
+    """What one step optimises."""
+
+    name: str = "pretrain"
+    """pretrain | sft | dpo."""
+    reduction: str = "mean"
+    """sum | mean. sum: the step's gradient is that of the SUM of token losses over the whole
+    global batch (2B4T SFT); mean: of their mean. Pretrain and DPO use mean."""
+    beta: float = 0.1
+    """DPO temperature."""
+    precompute_reference: bool = False
+    """DPO: compute reference log-probs in one pass before training, then free the reference."""
+    loss_impl: str = "auto"
+    """auto | liger | torch. auto: Liger's fused kernels on CUDA, PyTorch on CPU."""
+
+    def __post_init__(self) -> None:
+        if self.name not in OBJECTIVES:
+            raise ConfigError(f"objective.name={self.name!r}; choose one of {OBJECTIVES}")
+        if self.reduction not in ("sum", "mean"):
+            raise ConfigError(f"objective.reduction={self.reduction!r}; choose sum or mean")
+        if self.loss_impl not in ("auto", "liger", "torch"):
+            raise ConfigError(f"objective.loss_impl={self.loss_impl!r}; choose auto, liger, torch")
+
+
+@dataclass
+class TrainerConfig:
+    """The loop: length, batch, precision, checkpoints."""
+
+    max_steps: int = 0
+    """Optimizer steps of a step-based run (pretraining). 0: derive from `epochs`."""
+    epochs: int = 0
+    """Exact number of passes over the data (SFT, DPO). 0: step-based."""
+    micro_batch_size: int = 8
+    """Sequences (pairs, for DPO) per process per forward."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step on each process (ignored if global_batch_tokens > 0)."""
+    global_batch_tokens: int = 0
+    """Tokens per optimizer step over all processes. When > 0, grad_accum is derived at start:
+    global_batch_tokens / (micro_batch_size * seq_len * processes), which must be a whole number."""
+    mixed_precision: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU) | bf16 | no."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    checkpoint_every: int = 0
+    """Save every N optimizer steps (0: only at the end)."""
+    keep_last: int = 2
+    """Complete checkpoints to keep."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint under output_dir, if any | never |
+    a checkpoint directory."""
+    log_every: int = 10
+    eval_every: int = 0
+    """Held-out evaluation every N steps (0: only at start and end, where supported)."""
+    compile: bool = False
+    """torch.compile each decoder block (CUDA)."""
+    peak_tflops: float = 0.0
+    """Accelerator bf16 dense peak for the MFU estimate; 0: guess from the device name."""
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 0 or self.epochs < 0:
+            raise ConfigError("trainer.max_steps and trainer.epochs must be >= 0")
+        if self.global_batch_tokens < 0:
+            raise ConfigError("trainer.global_batch_tokens must be >= 0 (0: use grad_accum)")
+        if self.micro_batch_size <= 0 or self.grad_accum <= 0:
+            raise ConfigError("trainer.micro_batch_size and trainer.grad_accum must be positive")
+        if self.mixed_precision not in ("auto", "bf16", "no"):
+            raise ConfigError(f"trainer.mixed_precision={self.mixed_precision!r}: auto|bf16|no")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"trainer.device={self.device!r}: auto|cpu|cuda")
+
+
+@dataclass
+class LoggerConfig:
+    """Metrics trackers through accelerate."""
+
+    tracker: str = "wandb"
+    """wandb | tensorboard | none."""
+    project: str = "bitnet-train"
+    wandb_mode: str = "offline"
+    """offline needs no account; `wandb sync` uploads later."""
+
+    def __post_init__(self) -> None:
+        if self.tracker not in ("wandb", "tensorboard", "none"):
+            raise ConfigError(f"logger.tracker={self.tracker!r}: wandb|tensorboard|none")
+
+
+@dataclass
+class TrainConfig:
+    """One run. `data` is validated against the schema of `objective.name`'s data."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: Any = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    tokenizer: str = "microsoft/bitnet-b1.58-2B-4T"
+    """Hub id or local directory of a transformers tokenizer."""
+    output_dir: str | None = None
+    """Where checkpoints, logs and DIR/final go. None: a fresh folder under outputs/."""
+    seed: int = 0
+    run_name: str = "run"
+
+
+DATA_SCHEMAS: dict[str, type] = {
+    "pretrain": PretrainDataConfig,
+    "sft": SFTDataConfig,
+    "dpo": PreferenceDataConfig,
+}
+
+
+def register_configs() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="model", name="model_schema", node=ModelSection)
+    cs.store(group="data", name="pretrain_schema", node=PretrainDataConfig)
+    cs.store(group="data", name="sft_schema", node=SFTDataConfig)
+    cs.store(group="data", name="dpo_schema", node=PreferenceDataConfig)
+    cs.store(group="optim", name="optim_schema", node=OptimConfig)
+    cs.store(group="schedule", name="schedule_schema", node=ScheduleConfig)
+    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+
+
+def to_train_config(cfg: DictConfig) -> TrainConfig:
+    """Validate the composed config against the schemas and return plain dataclasses.
+
+    The data section is checked against the schema of the objective (pretrain/sft/dpo), so a
+    key that belongs to another stage fails here with OmegaConf's message naming it.
+    """
+    objective = cfg.objective.name
+    if objective not in DATA_SCHEMAS:
+        raise ConfigError(f"objective.name={objective!r}; choose one of {OBJECTIVES}")
+    schema = OmegaConf.structured(DATA_SCHEMAS[objective])
+    data = OmegaConf.to_object(OmegaConf.merge(schema, cfg.data))
+    rest = OmegaConf.merge(OmegaConf.structured(TrainConfig), {k: v for k, v in cfg.items()
+                                                                if k not in ("data", "hydra")})
+    out: TrainConfig = OmegaConf.to_object(rest)  # runs each __post_init__ validation
+    out.data = data
+    return out
+
+
+def config_dir() -> Path:
+    """The `configs/` directory of this checkout (train.py and the scripts compose from it)."""
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """Compose the config as `train.py` would, for scripts and tests (no output dir, no logging)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides or [])
+
+
+def derive_grad_accum(trainer: TrainerConfig, seq_len: int, processes: int) -> int:
+    """Micro-batches per step per process that make `trainer.global_batch_tokens`."""
+    if trainer.global_batch_tokens <= 0:
+        return trainer.grad_accum
+    per_micro = trainer.micro_batch_size * seq_len * processes
+    ga, rem = divmod(trainer.global_batch_tokens, per_micro)
+    if rem or ga == 0:
+        raise ConfigError(
+            f"trainer.global_batch_tokens={trainer.global_batch_tokens} is not a multiple of "
+            f"micro_batch_size ({trainer.micro_batch_size}) x seq_len ({seq_len}) x processes "
+            f"({processes}) = {per_micro}; change micro_batch_size or the number of processes"
+        )
+    return ga

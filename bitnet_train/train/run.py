@@ -1,0 +1,249 @@
+"""Build a run from its config, in a fixed order, and train it.
+
+model -> (reference, for DPO) -> optimizer -> accelerate prepare -> data -> checkpointer ->
+trainer (resume) -> fit -> DIR/final
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import DictConfig, OmegaConf
+
+from bitnet_train.errors import CheckpointError, ConfigError
+from bitnet_train.model import BitNetConfig, BitNetForCausalLM, build_model
+from bitnet_train.train.checkpoint import Checkpointer
+from bitnet_train.train.config import ModelSection, TrainConfig, to_train_config
+from bitnet_train.train.data_plan import build_batch_plan
+from bitnet_train.train.objectives.dpo import DPOObjective, make_reference
+from bitnet_train.train.objectives.language_model import LanguageModelObjective
+from bitnet_train.train.schedules import param_groups
+from bitnet_train.train.trainer import PEAK_TFLOPS, StepResult, Trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a finished run leaves: its directory, final model dir and per-step metrics."""
+
+    output_dir: Path
+    final_dir: Path
+    history: list[StepResult]
+    trainer: Trainer
+
+
+def run_from_hydra(cfg: DictConfig) -> RunResult:
+    """Hydra entry: validate at the edge, log the resolved config, run."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    train_cfg = to_train_config(cfg)
+    if train_cfg.output_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        train_cfg.output_dir = HydraConfig.get().runtime.output_dir
+    return run(train_cfg, resolved_yaml=resolved)
+
+
+def _git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
+    except Exception:  # noqa: BLE001 - a missing git is not an error for training
+        return "unknown"
+
+
+def build_accelerator(cfg: TrainConfig, output_dir: Path) -> Accelerator:
+    """Mixed precision bf16 on CUDA, fp32 on CPU; trackers through accelerate."""
+    use_cpu = cfg.trainer.device == "cpu" or not torch.cuda.is_available()
+    if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is visible")
+    mp = cfg.trainer.mixed_precision
+    mixed = ("no" if use_cpu else "bf16") if mp == "auto" else mp
+    trackers: list[str] = []
+    if cfg.logger.tracker != "none":
+        trackers = [cfg.logger.tracker]
+        if cfg.logger.tracker == "wandb":
+            os.environ.setdefault("WANDB_MODE", cfg.logger.wandb_mode)
+            os.environ.setdefault("WANDB_DIR", str(output_dir))
+    return Accelerator(cpu=use_cpu, mixed_precision=mixed, log_with=trackers or None,
+                       project_dir=str(output_dir))
+
+
+def build_or_load_model(section: ModelSection, seed: int) -> BitNetForCausalLM:
+    """Random init from the config, or the weights of `model.init` (shapes checked)."""
+    arch = section.architecture()
+    if not section.init:
+        return build_model(arch, seed=seed)
+    from bitnet_train.io import load_model
+
+    model, _ = load_model(section.init)
+    check_same_architecture(arch, model.config, source=section.init)
+    return model
+
+
+ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "hidden_act", "tie_word_embeddings")
+
+
+def check_same_architecture(expected: BitNetConfig, found: BitNetConfig, source: str) -> None:
+    """CheckpointError naming the first field where `found` (from `source`) differs."""
+    for key in ARCH_FIELDS:
+        a, b = getattr(expected, key), getattr(found, key)
+        if a != b:
+            raise CheckpointError(
+                f"{source} holds a model with {key}={b}, but the config asks for {key}={a}. "
+                f"Choose the matching model group (e.g. model={found.name}) or another checkpoint."
+            )
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over decay / no-decay groups; LR and WD are set by the schedule every step."""
+    groups = param_groups(model, decay_embeddings=cfg.optim.decay_embeddings)
+    fused = cfg.optim.fused
+    if fused is None:
+        fused = torch.cuda.is_available() and cfg.trainer.device != "cpu"
+    return torch.optim.AdamW(groups, lr=cfg.schedule.lr_peak, betas=tuple(cfg.optim.betas),
+                             eps=cfg.optim.eps, fused=bool(fused))
+
+
+def build_objective(cfg: TrainConfig, model: BitNetForCausalLM):
+    o = cfg.objective
+    if o.name in ("pretrain", "sft"):
+        return LanguageModelObjective(reduction=o.reduction, loss_impl=o.loss_impl)
+    return DPOObjective(beta=o.beta, loss_impl=o.loss_impl, reference=make_reference(model))
+
+
+def flops_per_token(config: BitNetConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * non-embedding params + attention (12 * layers * hidden * L)
+    plus the lm_head (6 * vocab * hidden). Ternary GEMMs are counted as dense bf16 GEMMs, since
+    that is how training runs them."""
+    from bitnet_train.model.size import model_size
+
+    size = model_size(config)
+    dense = size.ternary_params + config.vocab_size * config.hidden_size
+    return 6.0 * dense + 12.0 * config.num_hidden_layers * config.hidden_size * seq_len
+
+
+def resolve_output_dir(cfg: TrainConfig) -> Path:
+    if cfg.output_dir:
+        return Path(cfg.output_dir)
+    return Path("outputs") / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}-{cfg.run_name}"
+
+
+def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
+    """Train `cfg` to the end and save DIR/final with `save_model`."""
+    from bitnet_train.data.tokenizer import load_tokenizer
+    from bitnet_train.io import save_model
+
+    output_dir = resolve_output_dir(cfg)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = build_accelerator(cfg, output_dir)
+    set_seed(cfg.seed)
+    if accelerator.is_main_process:
+        (output_dir / "config.yaml").write_text(resolved_yaml or json.dumps(
+            dataclasses.asdict(cfg), default=str, indent=2))
+        log.info("run %s at git %s in %s", cfg.run_name, _git_revision(), output_dir)
+
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    model = build_or_load_model(cfg.model, cfg.seed)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ConfigError(
+            f"tokenizer {cfg.tokenizer} has {len(tokenizer)} tokens but model.vocab_size="
+            f"{model.config.vocab_size}; use a model config whose vocab_size covers the tokenizer"
+        )
+    model.config.bos_token_id = model.config.bos_token_id or tokenizer.bos_token_id
+    model.config.eos_token_id = model.config.eos_token_id or tokenizer.eos_token_id
+    objective = build_objective(cfg, model)
+    optimizer = build_optimizer(model, cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    objective.setup(model, accelerator)
+
+    plan = build_batch_plan(cfg, tokenizer, accelerator, objective)
+    total_steps = plan.total_steps
+    checkpointer = Checkpointer(output_dir / "checkpoints", keep_last=cfg.trainer.keep_last)
+    unwrapped: BitNetForCausalLM = accelerator.unwrap_model(model)
+    seq_len = getattr(cfg.data, "seq_len", None) or getattr(cfg.data, "max_len", 2048)
+    peak = cfg.trainer.peak_tflops or _guess_peak_tflops()
+
+    def save_extra(tmp: Path) -> None:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+
+    if accelerator.is_main_process and cfg.logger.tracker != "none":
+        accelerator.init_trackers(cfg.logger.project, config=_flat_config(cfg))
+    trainer = Trainer(
+        accelerator=accelerator, model=model, objective=objective, optimizer=optimizer,
+        schedule=cfg.schedule, data=plan, checkpointer=checkpointer, total_steps=total_steps,
+        grad_accum=cfg.trainer.grad_accum, grad_clip=cfg.optim.grad_clip,
+        checkpoint_every=cfg.trainer.checkpoint_every, log_every=cfg.trainer.log_every,
+        save_extra=save_extra,
+        checkpoint_metadata={"model_config": unwrapped.config.to_hf_dict(),
+                             "objective": cfg.objective.name},
+        flops_per_token=flops_per_token(unwrapped.config, seq_len), peak_tflops=peak,
+        progress_bar=cfg.trainer.progress_bar,
+    )
+    _maybe_resume(trainer, cfg, checkpointer, unwrapped)
+    trainer.fit()
+    final_dir = output_dir / "final"
+    if accelerator.is_main_process:
+        save_model(unwrapped, final_dir, tokenizer=tokenizer)
+        log.info("final model saved to %s", final_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return RunResult(output_dir=output_dir, final_dir=final_dir, history=trainer.history,
+                     trainer=trainer)
+
+
+def _maybe_resume(trainer: Trainer, cfg: TrainConfig, checkpointer: Checkpointer,
+                  model: BitNetForCausalLM) -> None:
+    mode = cfg.trainer.resume
+    if mode == "never":
+        return
+    path = checkpointer.latest() if mode == "auto" else Path(mode)
+    if path is None:
+        return
+    if mode != "auto" and not (path / "COMPLETE").exists():
+        raise CheckpointError(f"trainer.resume={mode}: not a complete checkpoint (no COMPLETE)")
+    checkpointer.check_compatible(path, model.config.to_hf_dict())
+    log.info("resuming from %s", path)
+    trainer.load_checkpoint(path)
+
+
+def _guess_peak_tflops() -> float:
+    if not torch.cuda.is_available():
+        return 0.0
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
+
+
+def _flat_config(cfg: TrainConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, obj: Any) -> None:
+        if dataclasses.is_dataclass(obj):
+            obj = dataclasses.asdict(obj)
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(obj, list | tuple):
+            out[prefix] = json.dumps(obj, default=str)
+        elif isinstance(obj, int | float | str | bool) or obj is None:
+            out[prefix] = obj if not (isinstance(obj, float) and math.isnan(obj)) else None
+        else:
+            out[prefix] = str(obj)
+
+    walk("", cfg)
+    return out

@@ -1,0 +1,98 @@
+"""Hydra composition of every recipe, validation at the edge, and clear errors on bad keys."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from bitnet_train.data.config import PretrainDataConfig
+from bitnet_train.data.preference import PreferenceDataConfig
+from bitnet_train.data.sft import SFTDataConfig
+from bitnet_train.errors import ConfigError
+from bitnet_train.train.config import TrainConfig, compose, derive_grad_accum, to_train_config
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
+DATA_TYPE = {"pretrain": PretrainDataConfig, "sft": SFTDataConfig, "dpo": PreferenceDataConfig}
+
+
+def test_every_recipe_is_listed():
+    assert {"pretrain_2b4t", "demo_pretrain", "sft_2b4t", "demo_sft", "dpo_2b4t", "demo_dpo",
+            "pretrain_700m", "pretrain_1.3b", "pretrain_3b"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_composes_and_validates(recipe):
+    cfg = to_train_config(compose([f"+recipe={recipe}"]))
+    assert isinstance(cfg, TrainConfig)
+    assert isinstance(cfg.data, DATA_TYPE[cfg.objective.name])
+    assert cfg.run_name == recipe
+
+
+def test_pretrain_2b4t_names_the_real_things():
+    cfg = to_train_config(compose(["+recipe=pretrain_2b4t"]))
+    assert cfg.model.hidden_size == 2560 and cfg.model.num_hidden_layers == 30
+    assert cfg.model.vocab_size == 128256 and cfg.model.tie_word_embeddings
+    assert cfg.data.seq_len == 4096
+    assert cfg.tokenizer == "microsoft/bitnet-b1.58-2B-4T"
+    paths = {s.path for s in cfg.data.stage1.sources} | {s.path for s in cfg.data.stage2.sources}
+    assert {"mlfoundations/dclm-baseline-1.0", "HuggingFaceFW/fineweb-edu"} <= paths
+    assert cfg.trainer.mixed_precision == "bf16"
+    # the global batch in tokens is stated and consistent with 8 processes
+    assert derive_grad_accum(cfg.trainer, cfg.data.seq_len, 8) * 4 * 4096 * 8 == 4194304
+
+
+def test_paper_scale_recipes_follow_the_training_notes():
+    lr = {}
+    for name in ("700m", "1.3b", "3b"):
+        cfg = to_train_config(compose([f"+recipe=pretrain_{name}"]))
+        lr[name] = (cfg.schedule.lr_peak, cfg.schedule.lr_stage2_peak)
+        assert cfg.schedule.warmup_steps == 375 and cfg.optim.betas == [0.9, 0.95]
+        assert cfg.schedule.wd_peak == 0.1 and cfg.data.seq_len == 2048
+        assert cfg.trainer.global_batch_tokens == 2**20
+    assert lr == {"700m": (1.5e-3, 1.0e-3), "1.3b": (1.2e-3, 8e-4), "3b": (1.2e-3, 8e-4)}
+
+
+def test_dpo_2b4t_uses_the_reports_values():
+    cfg = to_train_config(compose(["+recipe=dpo_2b4t"]))
+    assert (cfg.trainer.epochs, cfg.schedule.lr_peak, cfg.objective.beta) == (2, 2e-7, 0.1)
+
+
+@pytest.mark.parametrize("override", ["trainer.bogus=1", "model.hidden_sise=64",
+                                      "data.stage1.sources.0.txt_field=x"])
+def test_unknown_key_fails_at_composition(override):
+    key = override.split("=")[0].rsplit(".", 1)[-1]
+    with pytest.raises(ConfigCompositionException, match=key):
+        compose(["+recipe=demo_pretrain", override])
+
+
+def test_wrong_type_fails():
+    with pytest.raises(ConfigCompositionException, match="max_steps"):
+        compose(["+recipe=demo_pretrain", "trainer.max_steps=lots"])
+
+
+def test_semantic_validation_names_the_key():
+    with pytest.raises(ConfigError, match="num_key_value_heads"):
+        to_train_config(compose(["+recipe=demo_pretrain", "model.num_key_value_heads=3"]))
+    with pytest.raises(ConfigError, match="objective.reduction"):
+        to_train_config(compose(["+recipe=demo_sft", "objective.reduction=median"]))
+
+
+def test_global_batch_must_divide():
+    cfg = to_train_config(compose(["+recipe=pretrain_2b4t", "trainer.micro_batch_size=3"]))
+    with pytest.raises(ConfigError, match="global_batch_tokens"):
+        derive_grad_accum(cfg.trainer, cfg.data.seq_len, 8)
+
+
+def test_train_py_prints_the_composed_config():
+    out = subprocess.run([sys.executable, "train.py", "+recipe=pretrain_2b4t", "--cfg", "job"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "hidden_size: 2560" in out.stdout and "fineweb-edu" in out.stdout
+    bad = subprocess.run([sys.executable, "train.py", "+recipe=demo_pretrain", "trainer.bogus=1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "bogus" in bad.stderr

@@ -1,0 +1,28 @@
+"""Train a BitNet b1.58 model: pretraining, SFT or DPO, chosen by a recipe.
+
+Single process (CPU or one GPU):
+    python train.py +recipe=demo_pretrain
+    python train.py +recipe=demo_pretrain trainer.max_steps=50 output_dir=outputs/try
+One node, several GPUs:
+    accelerate launch --num_processes 8 train.py +recipe=pretrain_2b4t
+Several nodes: `accelerate launch --num_machines N --machine_rank R --main_process_ip HOST ...`.
+Print the composed config without running: python train.py +recipe=pretrain_2b4t --cfg job
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from bitnet_train.train.config import config_dir, register_configs
+
+register_configs()
+
+
+@hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from bitnet_train.train.run import run_from_hydra
+
+    run_from_hydra(cfg)
+
+
+if __name__ == "__main__":
+    main()
