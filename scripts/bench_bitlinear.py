@@ -61,7 +61,8 @@ def main() -> None:
         flops = 3 * 2 * m * n * k
         # bytes: read x, W (fp32 master) and grads once each way, write y / grads (bf16)
         bytes_moved = 2 * (2 * m * k + 2 * m * n) + 3 * 4 * n * k
-        floor_ms = max(flops / (args.peak_tflops * 1e12), bytes_moved / (args.hbm_tbps * 1e12)) * 1e3
+        floor_ms = 1e3 * max(flops / (args.peak_tflops * 1e12),
+                             bytes_moved / (args.hbm_tbps * 1e12))
         base = nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
         bit = BitLinear(k, n, device=dev)
         compiled = torch.compile(BitLinear(k, n, device=dev))

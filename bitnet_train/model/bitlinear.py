@@ -1,4 +1,4 @@
-"""BitLinear: absmean ternary weights, per-token absmax int8 activations, straight-through estimator.
+"""BitLinear: absmean ternary weights, per-token absmax int8 activations, STE on both.
 
 The numerical contract (DESIGN.md section 3), shared with transformers' BitNet integration and the
 2B4T release:
@@ -124,7 +124,9 @@ class BitLinear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, device=device, dtype=dtype)
+        )
         self._frozen: Tensor | None = None
         nn.init.normal_(self.weight, std=0.02)
 

@@ -74,7 +74,8 @@ class BitNetConfig:
             raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
         if self.hidden_act not in HIDDEN_ACTS:
             raise ConfigError(
-                f"model.hidden_act={self.hidden_act!r} is not supported; choose one of {HIDDEN_ACTS}"
+                f"model.hidden_act={self.hidden_act!r} is not supported; "
+                f"choose one of {HIDDEN_ACTS}"
             )
 
     # transformers interop -------------------------------------------------------------------

@@ -137,14 +137,16 @@ def build_batch_plan(cfg: TrainConfig, tokenizer, accelerator, objective) -> Bat
                             cfg.trainer.max_steps, cfg.schedule)
         plan.total_steps = cfg.trainer.max_steps
         return plan
-    if name == "sft":
-        from bitnet_train.data.sft import build_sft_dataset
+    # the main process encodes first and fills datasets' cache; the others then read it
+    with accelerator.main_process_first():
+        if name == "sft":
+            from bitnet_train.data.sft import build_sft_dataset
 
-        dataset = build_sft_dataset(cfg.data, tokenizer, rank=rank, world_size=world)
-    else:
-        from bitnet_train.data.preference import build_preference_dataset
+            dataset = build_sft_dataset(cfg.data, tokenizer, rank=rank, world_size=world)
+        else:
+            from bitnet_train.data.preference import build_preference_dataset
 
-        dataset = build_preference_dataset(cfg.data, tokenizer, rank=rank, world_size=world)
+            dataset = build_preference_dataset(cfg.data, tokenizer, rank=rank, world_size=world)
     plan = EpochPlan(dataset, cfg.trainer.epochs, cfg.trainer.micro_batch_size,
                      cfg.trainer.grad_accum)
     if cfg.trainer.max_steps:

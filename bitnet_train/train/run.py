@@ -47,7 +47,8 @@ class RunResult:
 
 def run_from_hydra(cfg: DictConfig) -> RunResult:
     """Hydra entry: validate at the edge, log the resolved config, run."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     train_cfg = to_train_config(cfg)
     if train_cfg.output_dir is None:

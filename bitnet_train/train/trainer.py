@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from bitnet_train.errors import TrainingError
+from bitnet_train.errors import CheckpointError, TrainingError
 from bitnet_train.train.checkpoint import Checkpointer
 from bitnet_train.train.objectives.base import Objective
 from bitnet_train.train.schedules import ScheduleConfig, apply_schedule
@@ -226,7 +226,7 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
-        return {"step": self.step, "data": self.data.state_dict()}
+        return {"step": self.step}
 
     def save_checkpoint(self) -> str:
         """Accelerate state (model, optimizer, every rank's RNG) + data position, atomically.
@@ -243,6 +243,8 @@ class Trainer:
         staging = ckpt.staging_dir(self.step)
         try:
             acc.save_state(str(staging))
+            # each rank reads its own shard of the data: one stream state per rank
+            torch.save(self.data.state_dict(), staging / f"data_state_rank{acc.process_index}.pt")
             if acc.is_main_process:
                 torch.save(self.trainer_state(), staging / "trainer_state.pt")
                 if self.save_extra is not None:
@@ -270,7 +272,16 @@ class Trainer:
         self.accelerator.load_state(str(path))
         state = torch.load(f"{path}/trainer_state.pt", weights_only=False)
         self.step = int(state["step"])
-        self.data.load_state_dict(state["data"])
+        data_file = f"{path}/data_state_rank{self.accelerator.process_index}.pt"
+        try:
+            data_state = torch.load(data_file, weights_only=False)
+        except FileNotFoundError as exc:
+            raise CheckpointError(
+                f"{path} has no data state for process {self.accelerator.process_index} "
+                f"({data_file}): it was written by fewer processes. Resume with the same number "
+                "of processes as the run that wrote it."
+            ) from exc
+        self.data.load_state_dict(data_state)
         self.last_checkpoint = str(path)
 
 

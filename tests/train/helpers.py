@@ -1,0 +1,52 @@
+"""Small local corpora, tokenizers and configs for trainer tests (no hub, real loaders)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bitnet_train.data.tokenizer import train_demo_tokenizer
+from bitnet_train.train.config import TrainConfig, compose, to_train_config
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A journey of a thousand miles begins with a single step.",
+    "To be or not to be, that is the question.",
+    "All that glitters is not gold.",
+    "The early bird catches the worm, but the second mouse gets the cheese.",
+    "Simple is better than complex, and complex is better than complicated.",
+]
+
+TINY_MODEL = [
+    "model.vocab_size=512", "model.hidden_size=64", "model.intermediate_size=128",
+    "model.num_hidden_layers=2", "model.num_attention_heads=4", "model.num_key_value_heads=2",
+    "model.max_position_embeddings=128",
+]
+
+
+def write_corpus(root: Path, docs: list[str] | None = None, repeat: int = 20) -> Path:
+    """jsonl shards of `docs` (default: SENTENCES), `repeat` copies each."""
+    root.mkdir(parents=True, exist_ok=True)
+    docs = docs or SENTENCES
+    path = root / "corpus.jsonl"
+    with path.open("w") as f:
+        for _ in range(repeat):
+            for d in docs:
+                f.write(json.dumps({"text": d}) + "\n")
+    return root
+
+
+def make_tokenizer(root: Path, texts: list[str] | None = None, vocab_size: int = 400):
+    """A byte-level BPE with the LLaMA-3 specials, saved under root/tokenizer."""
+    return train_demo_tokenizer(texts or SENTENCES * 5, root / "tokenizer", vocab_size=vocab_size)
+
+
+def pretrain_config(tmp: Path, corpus: Path, *overrides: str) -> TrainConfig:
+    """demo_pretrain shrunk to a 2-layer hidden-64 model on `corpus`, logging off."""
+    return to_train_config(compose([
+        "+recipe=demo_pretrain", f"tokenizer={tmp / 'tokenizer'}", f"output_dir={tmp / 'run'}",
+        f"data.stage1.sources.0.path={corpus}", "data.seq_len=32", "data.shuffle_buffer=0",
+        "trainer.micro_batch_size=4", "trainer.log_every=1000", "trainer.progress_bar=false",
+        "trainer.checkpoint_every=0", "schedule.warmup_steps=2", "logger=none", *TINY_MODEL,
+        *overrides,
+    ]))

@@ -1,0 +1,195 @@
+"""The accelerate trainer: memorisation, exact resume, summed-loss accumulation, errors."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from bitnet_train.errors import CheckpointError, TrainingError
+from bitnet_train.io import load_model
+from bitnet_train.model import BitNetForCausalLM
+from bitnet_train.train.checkpoint import Checkpointer
+from bitnet_train.train.objectives.base import MicroStep
+from bitnet_train.train.objectives.language_model import LanguageModelObjective
+from bitnet_train.train.run import run
+from bitnet_train.train.schedules import ScheduleConfig
+from bitnet_train.train.trainer import BatchPlan, Trainer
+from tests.conftest import tiny_config
+from tests.train.helpers import make_tokenizer, pretrain_config, write_corpus
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer")
+    make_tokenizer(root)
+    return root, write_corpus(root / "corpus")
+
+
+def test_short_run_memorises_repeated_corpus(workdir, tmp_path):
+    """Loss on a repeated tiny corpus falls far: gradients flow through both STEs."""
+    root, corpus = workdir
+    shutil.copytree(root / "tokenizer", tmp_path / "tokenizer")
+    cfg = pretrain_config(tmp_path, corpus, "trainer.max_steps=60", "schedule.lr_peak=5e-3",
+                          "schedule.lr_stage1_end=4e-3", "schedule.lr_stage2_peak=2e-3",
+                          "schedule.lr_floor=1e-4")
+    result = run(cfg)
+    losses = [h.metrics["loss"] for h in result.history]
+    assert len(losses) == 60
+    assert losses[-1] < 0.35 * losses[0], losses[::10]
+    for key in ("lr", "weight_decay", "grad_norm", "tokens_per_s"):
+        assert key in result.history[-1].metrics or key == "tokens_per_s"
+    # DIR/final loads through load_model with the same forward
+    model, tok = load_model(result.final_dir)
+    assert tok is not None and model.config.hidden_size == 64
+    live = result.trainer.accelerator.unwrap_model(result.trainer.model).eval()
+    ids = torch.randint(0, 300, (1, 16))
+    assert torch.equal(model(ids).logits, live(ids).logits)
+
+
+def test_resume_is_exact(workdir, tmp_path):
+    """2N steps straight == N steps, checkpoint, resume, N steps: every loss and final weights."""
+    root, corpus = workdir
+    n = 6
+    common = ["trainer.max_steps=12", f"trainer.checkpoint_every={n}", "trainer.keep_last=5",
+              "data.shuffle_buffer=16"]
+    for d in ("a", "b"):
+        shutil.copytree(root / "tokenizer", tmp_path / d / "tokenizer")
+    straight = run(pretrain_config(tmp_path / "a", corpus, *common))
+    # "crash" after step N: a second run directory holding only the step-N checkpoint
+    ckpt_a = tmp_path / "a" / "run" / "checkpoints" / f"step_{n:08d}"
+    assert (ckpt_a / "COMPLETE").exists()
+    (tmp_path / "b" / "run" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpt_a, tmp_path / "b" / "run" / "checkpoints" / ckpt_a.name)
+    resumed = run(pretrain_config(tmp_path / "b", corpus, *common, "trainer.resume=auto"))
+    assert [h.step for h in resumed.history] == list(range(n, 2 * n))
+    a = [h.metrics["loss"] for h in straight.history[n:]]
+    b = [h.metrics["loss"] for h in resumed.history]
+    assert a == b
+    wa = straight.trainer.accelerator.unwrap_model(straight.trainer.model).state_dict()
+    wb = resumed.trainer.accelerator.unwrap_model(resumed.trainer.model).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_refuses_another_model_shape(workdir, tmp_path):
+    root, corpus = workdir
+    shutil.copytree(root / "tokenizer", tmp_path / "tokenizer")
+    run(pretrain_config(tmp_path, corpus, "trainer.max_steps=3"))
+    with pytest.raises(CheckpointError, match="hidden_size"):
+        run(pretrain_config(tmp_path, corpus, "trainer.max_steps=6", "model.hidden_size=128",
+                            "model.intermediate_size=256"))
+
+
+class ListPlan(BatchPlan):
+    """A fixed list of micro-batches per step (for loop-level tests)."""
+
+    def __init__(self, steps: list[list[dict[str, torch.Tensor]]]) -> None:
+        self.steps, self.total_steps = steps, len(steps)
+
+    def batches_for_step(self, step, grad_accum):
+        return [dict(b) for b in self.steps[step]] if step < len(self.steps) else []
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def _one_step(tmp_path, micro_batches, reduction, seed=0):
+    """Weights after one SGD(lr=1) step, so the update equals minus the step's gradient."""
+    torch.manual_seed(seed)
+    model = BitNetForCausalLM(tiny_config())
+    model.init_weights(seed)
+    acc = Accelerator(cpu=True)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model, opt = acc.prepare(model, opt)
+    trainer = Trainer(
+        accelerator=acc, model=model, objective=LanguageModelObjective(reduction, "torch"),
+        optimizer=opt, schedule=ScheduleConfig(warmup_steps=0, stage_boundary=1.0, lr_peak=1.0,
+                                               lr_stage1_end=1.0, wd_peak=0.0),
+        data=ListPlan([micro_batches]), checkpointer=Checkpointer(tmp_path / "ck", 1),
+        total_steps=1, grad_accum=len(micro_batches), grad_clip=0.0, progress_bar=False,
+    )
+    trainer.train_step()
+    return {k: v.detach().clone() for k, v in acc.unwrap_model(model).state_dict().items()}
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_accumulation_equals_one_big_batch(tmp_path, reduction):
+    """1 process x 4 accumulation steps == 1 process x 1 step on the 4x batch, for the summed
+    loss (the 2B4T SFT objective) and for the global per-token mean, with uneven label counts."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 512, (8, 24), generator=g)
+    labels = ids.clone()
+    labels[0, :10] = -100  # uneven numbers of label tokens per micro-batch
+    labels[5, 4:20] = -100
+    big = {"input_ids": ids, "labels": labels}
+    micro = [{"input_ids": ids[i:i + 2], "labels": labels[i:i + 2]} for i in range(0, 8, 2)]
+    w_big = _one_step(tmp_path / "big", [big], reduction)
+    w_acc = _one_step(tmp_path / "acc", micro, reduction)
+    w0 = BitNetForCausalLM(tiny_config())
+    w0.init_weights(0)
+    for k, v in w_big.items():
+        step = (v - w0.state_dict()[k]).abs().max()
+        assert torch.allclose(v, w_acc[k], atol=1e-6 * max(1.0, float(step)), rtol=1e-5), k
+    # and the two reductions really differ by the token count (the test can tell them apart)
+    if reduction == "sum":
+        w_mean = _one_step(tmp_path / "mean", [big], "mean")
+        key = "model.layers.0.mlp.down_proj.weight"
+        assert not torch.allclose(w_big[key], w_mean[key])
+
+
+class NaNAtStep:
+    """The language-model objective, but the loss of step `bad` is NaN."""
+
+    reduction = "mean"
+
+    def __init__(self, bad: int) -> None:
+        self.inner, self.bad, self.calls = LanguageModelObjective("mean", "torch"), bad, 0
+
+    def setup(self, model, accelerator):
+        return None
+
+    def count(self, batch):
+        return self.inner.count(batch)
+
+    def micro_step(self, model, batch):
+        out = self.inner.micro_step(model, batch)
+        self.calls += 1
+        if self.calls - 1 == self.bad:
+            nan = out.loss_sum * float("nan")
+            return MicroStep(loss_sum=nan, metric_sums={"loss": nan.detach()})
+        return out
+
+
+def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = BitNetForCausalLM(tiny_config())
+    acc = Accelerator(cpu=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, opt = acc.prepare(model, opt)
+    ids = torch.randint(3, 512, (2, 16))
+    plan = ListPlan([[{"input_ids": ids, "labels": ids}] for _ in range(6)])
+    trainer = Trainer(
+        accelerator=acc, model=model, objective=NaNAtStep(bad=4), optimizer=opt,
+        schedule=ScheduleConfig(warmup_steps=0, stage_boundary=1.0, lr_stage1_end=0.0),
+        data=plan, checkpointer=Checkpointer(tmp_path / "ck", 2), total_steps=6, grad_accum=1,
+        grad_clip=1.0, checkpoint_every=2, progress_bar=False,
+    )
+    before = None
+    with pytest.raises(TrainingError, match=r"step 4.*step_00000004"):
+        trainer.fit()
+    before = {k: v.clone() for k, v in acc.unwrap_model(model).state_dict().items()}
+    # the bad update was not applied: weights still equal step-4 checkpoint's
+    ck = Checkpointer(tmp_path / "ck", 2).latest()
+    assert ck is not None and ck.name == "step_00000004"
+    from safetensors.torch import load_file
+
+    saved = load_file(ck / "model.safetensors")
+    for k, v in saved.items():
+        assert torch.equal(v, before[k]), k
+    assert all(math.isfinite(float(p.abs().sum())) for p in model.parameters())
