@@ -80,7 +80,8 @@ def run_demo(out: Path, steps_scale: float = 1.0) -> dict[str, float]:
 
     print("== 2/5 pretrain (recipe demo_pretrain)")
     pre = train_recipe("demo_pretrain", out / "pretrain",
-                       [f"trainer.max_steps={_scaled(300, steps_scale)}"])
+                       [f"trainer.max_steps={_scaled(300, steps_scale)}",
+                        f"schedule.warmup_steps={_scaled(20, steps_scale)}"])
     losses = [h.metrics["loss"] for h in pre.history]
     numbers.update(pretrain_first_loss=losses[0], pretrain_last_loss=losses[-1])
     print(f"   loss {losses[0]:.3f} (step 1) -> {losses[-1]:.3f} (step {len(losses)})")
@@ -91,7 +92,8 @@ def run_demo(out: Path, steps_scale: float = 1.0) -> dict[str, float]:
 
     print("== 3/5 SFT (recipe demo_sft), loss summed over assistant tokens")
     # epoch-based stages: a steps_scale below 1 (tests) caps them at a number of steps
-    cap = [] if steps_scale >= 1 else [f"trainer.max_steps={_scaled(100, steps_scale)}"]
+    cap = [] if steps_scale >= 1 else [f"trainer.max_steps={_scaled(100, steps_scale)}",
+                                       "schedule.warmup_steps=1"]
     sft = train_recipe("demo_sft", out / "sft", cap)
     sft_losses = [h.metrics["loss"] for h in sft.history]
     numbers.update(sft_first_loss=sft_losses[0], sft_last_loss=sft_losses[-1])
@@ -135,7 +137,8 @@ def transformers_reply(hf_dir: Path, question: str, max_new_tokens: int = 40) ->
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    # the packed checkpoint loads in its stored dtype (bf16), as users of the released model do
+    model = AutoModelForCausalLM.from_pretrained(hf_dir)
     prompt = tok.bos_token + tok.apply_chat_template(
         [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids

@@ -29,7 +29,8 @@ from bitnet_train.train.config import ModelSection, TrainConfig, to_train_config
 from bitnet_train.train.data_plan import build_batch_plan
 from bitnet_train.train.objectives.dpo import DPOObjective, make_reference
 from bitnet_train.train.objectives.language_model import LanguageModelObjective
-from bitnet_train.train.schedules import param_groups
+from bitnet_train.train.parallelize import maybe_compile
+from bitnet_train.train.schedules import param_groups, stage_boundary_step
 from bitnet_train.train.trainer import PEAK_TFLOPS, StepResult, Trainer
 
 log = logging.getLogger(__name__)
@@ -167,13 +168,16 @@ def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
         )
     model.config.bos_token_id = model.config.bos_token_id or tokenizer.bos_token_id
     model.config.eos_token_id = model.config.eos_token_id or tokenizer.eos_token_id
+    model.train()
     objective = build_objective(cfg, model)
+    maybe_compile(model, cfg.trainer.compile, accelerator.device)
     optimizer = build_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     objective.setup(model, accelerator)
 
     plan = build_batch_plan(cfg, tokenizer, accelerator, objective)
     total_steps = plan.total_steps
+    stage_boundary_step(total_steps, cfg.schedule)  # a schedule that does not fit fails now
     checkpointer = Checkpointer(output_dir / "checkpoints", keep_last=cfg.trainer.keep_last)
     unwrapped: BitNetForCausalLM = accelerator.unwrap_model(model)
     seq_len = getattr(cfg.data, "seq_len", None) or getattr(cfg.data, "max_len", 2048)

@@ -1,0 +1,167 @@
+"""`bitnet-export` / `scripts/export.py` and `scripts/import.py`.
+
+Export a model directory (`save_model` output such as a run's DIR/final, or any transformers
+BitNet directory) to a deployment format:
+
+    python scripts/export.py outputs/run/final --format hf --out exported/hf
+    python scripts/export.py outputs/run/final --format hf-bf16 --out exported/hf-bf16
+    python scripts/export.py outputs/run/final --format gguf --quant i2_s --out model.gguf
+    python scripts/export.py outputs/run/final --format gpu --out exported/gpu
+
+Print the bytes each format takes, from a config alone (no weights read):
+
+    python scripts/export.py 2b4t --dry-run                 # every format
+    python scripts/export.py outputs/run/final --format gguf --quant tq1_0 --dry-run
+
+Import released or exported weights as master weights to fine-tune (`model.init=DIR`):
+
+    python scripts/import.py path/to/bitnet-b1.58-2B-4T --out checkpoints/2b4t-master
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from bitnet_train.errors import BitNetTrainError
+from bitnet_train.export.size import (
+    GGUF_QUANTS,
+    all_size_reports,
+    default_gguf_quant,
+    exporter_function,
+    format_reports,
+    human_bytes,
+    resolve_config,
+    size_report,
+)
+
+log = logging.getLogger("bitnet_train.export")
+
+FORMATS = ("hf", "hf-bf16", "gguf", "gpu")
+EMBEDDING_TYPES = ("f16", "f32", "q8_0")
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bitnet-export",
+        description="Export a BitNet model to transformers (packed or bf16), GGUF (llama.cpp / "
+                    "bitnet.cpp) or Microsoft's BitNet GPU kernel layout.",
+    )
+    p.add_argument("checkpoint",
+                   help="model directory (config.json + model.safetensors, e.g. a run's "
+                        "DIR/final); with --dry-run also a model config name (2b4t, tiny, ...) "
+                        "or YAML file")
+    p.add_argument("--format", choices=FORMATS,
+                   help="hf: packed 2-bit, like microsoft/bitnet-b1.58-2B-4T; hf-bf16: master "
+                        "weights, like -2B-4T-bf16; gguf: llama.cpp / bitnet.cpp; gpu: "
+                        "microsoft/BitNet gpu/ kernel checkpoint")
+    p.add_argument("--quant", choices=GGUF_QUANTS,
+                   help="GGUF ternary type (default: i2_s for relu2 models, tq2_0 for silu)")
+    p.add_argument("--embedding-type", choices=EMBEDDING_TYPES, default="f16",
+                   help="GGUF embedding type (default f16)")
+    p.add_argument("--out", type=Path, help="output directory (hf, hf-bf16, gpu) or file (gguf)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the bytes of ternary weights, scales, embeddings and the total "
+                        "per format, computed from the config; write nothing")
+    return p
+
+
+def _print_written(path: Path) -> None:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        print(f"  {f}  {human_bytes(f.stat().st_size)}")
+    print(f"total {human_bytes(sum(f.stat().st_size for f in files))}")
+
+
+def run_export(args: argparse.Namespace) -> Path:
+    """Load `args.checkpoint` and write it in `args.format` to `args.out`."""
+    from bitnet_train.io import load_model
+
+    model, tokenizer = load_model(args.checkpoint, dtype=torch.float32, device="cpu")
+    if tokenizer is None:
+        log.warning("no tokenizer files in %s: the export carries no tokenizer", args.checkpoint)
+    if args.format in ("hf", "hf-bf16"):
+        from bitnet_train.export.hf import export_hf
+
+        return export_hf(model, tokenizer, args.out, packed=args.format == "hf")
+    if args.format == "gguf":
+        quant = args.quant or default_gguf_quant(model.config)
+        export_gguf = exporter_function("bitnet_train.export.gguf", "export_gguf")
+        return Path(export_gguf(model, tokenizer, args.out, quant, args.embedding_type))
+    export_gpu = exporter_function("bitnet_train.export.gpu", "export_gpu")
+    return Path(export_gpu(model, args.out))
+
+
+def run_dry_run(args: argparse.Namespace) -> None:
+    config = resolve_config(args.checkpoint)
+    if args.format is None:
+        rows = all_size_reports(config, args.embedding_type)
+    else:
+        rows = [size_report(config, args.format, args.quant, args.embedding_type)]
+    print(format_reports(config, rows))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `bitnet-export`; returns the process exit status."""
+    parser = build_export_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.quant and args.format not in (None, "gguf"):
+        parser.error(f"--quant applies to --format gguf, not {args.format}")
+    if not args.dry_run and (args.format is None or args.out is None):
+        parser.error("--format and --out are required (or use --dry-run)")
+    try:
+        if args.dry_run:
+            run_dry_run(args)
+            return 0
+        out = run_export(args)
+    except BitNetTrainError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.format} to {out}")
+    _print_written(out)
+    return 0
+
+
+# -- import ----------------------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def build_import_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bitnet-import",
+        description="Convert a transformers BitNet directory (packed microsoft/bitnet-b1.58-2B-4T "
+                    "or bf16 master -2B-4T-bf16) or one of our GGUF files into master weights "
+                    "(save_model layout) to fine-tune with model.init=OUT. Prefer the bf16 "
+                    "master when you have it: a packed import reproduces the forward exactly, "
+                    "but its latent weights sit on the quantization levels, not where training "
+                    "left them.",
+    )
+    p.add_argument("source", help="transformers BitNet directory or .gguf file")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                   help="dtype of the written master weights (default float32)")
+    return p
+
+
+def import_main(argv: list[str] | None = None) -> int:
+    """Entry point of `scripts/import.py`; returns the process exit status."""
+    args = build_import_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from bitnet_train.io import load_model, save_model
+
+    try:
+        model, tokenizer = load_model(args.source)
+        out = save_model(model, args.out, tokenizer=tokenizer, dtype=DTYPES[args.dtype])
+    except BitNetTrainError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote master weights of {args.source} to {out}")
+    _print_written(out)
+    return 0
+

@@ -1,0 +1,140 @@
+"""SFT and DPO through the real trainer, on small local data written by the demo writers."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from bitnet_train.data.chat import CHAT_TEMPLATE
+from bitnet_train.data.demo_data import write_demo_pairs
+from bitnet_train.data.preference import build_preference_dataset
+from bitnet_train.data.sft import build_sft_dataset
+from bitnet_train.data.tokenizer import load_tokenizer, train_demo_tokenizer
+from bitnet_train.model import BitNetForCausalLM
+from bitnet_train.train.config import compose, to_train_config
+from bitnet_train.train.objectives.dpo import DPOObjective, evaluate_preferences, make_reference
+from bitnet_train.train.run import run
+from tests.conftest import tiny_config
+from tests.train.helpers import TINY_MODEL
+
+QA = [
+    ("What is the capital of France?", "Paris is the capital of France."),
+    ("Name a primary colour.", "Red is a primary colour."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+    ("What do bees make?", "Bees make honey and wax."),
+    ("Which planet is red?", "Mars is the red planet."),
+    ("What is frozen water called?", "Frozen water is called ice."),
+]
+
+
+def _chat_file(path: Path) -> Path:
+    with path.open("w") as f:
+        for i in range(30):
+            q, a = QA[i % len(QA)]
+            msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            if i % 3 == 0:
+                msgs.insert(0, {"role": "system", "content": "Answer in one sentence."})
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sftdpo")
+    _chat_file(root / "chat.jsonl")
+    write_demo_pairs(root)
+    texts = [q + " " + a for q, a in QA] * 20
+    texts += [json.loads(line)["prompt"] + " " + json.loads(line)["chosen"]
+              for line in (root / "pairs.jsonl").read_text().splitlines()[:400]]
+    tok = train_demo_tokenizer(texts, root / "tokenizer", vocab_size=500)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(root / "tokenizer"))
+    return root
+
+
+def _cfg(recipe: str, root: Path, out: Path, *overrides: str):
+    return to_train_config(compose([
+        f"+recipe={recipe}", f"tokenizer={root / 'tokenizer'}", f"output_dir={out}",
+        "model.init=null", "trainer.progress_bar=false", "trainer.log_every=1000", *TINY_MODEL,
+        *overrides,
+    ]))
+
+
+def test_sft_trains_assistant_tokens_only(chat_dir, tmp_path):
+    cfg = _cfg("demo_sft", chat_dir, tmp_path / "sft",
+               f"data.sources.0.path={chat_dir}/chat.jsonl", "data.max_len=64",
+               "trainer.epochs=12", "trainer.micro_batch_size=4", "schedule.lr_peak=3e-3")
+    assert cfg.objective.reduction == "sum"
+    result = run(cfg)
+    losses = [h.metrics["loss"] for h in result.history]
+    assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])
+    # the loss of a step is over assistant tokens only: its item count equals the number of
+    # label positions the data marks, and those are exactly the assistant replies + <|eot_id|>
+    tok = load_tokenizer(str(chat_dir / "tokenizer"))
+    data = build_sft_dataset(cfg.data, tok)
+    batch = data.batch(0, 0, 4)
+    trained = batch["input_ids"][batch["labels"] != -100].tolist()
+    text = tok.decode(trained)
+    assert "Assistant" not in text and "User" not in text and "System" not in text
+    assert any(a.split()[0] in text for _, a in QA)
+    assert trained.count(tok.convert_tokens_to_ids("<|eot_id|>")) >= 1
+    # epochs are exact: steps = epochs x ceil(batches per epoch / grad_accum)
+    assert len(result.history) == 12 * math.ceil(data.num_batches(4) / 1)
+
+
+def test_dpo_loss_is_log2_at_step_zero_and_reference_is_frozen(chat_dir):
+    tok = load_tokenizer(str(chat_dir / "tokenizer"))
+    cfg = _cfg("demo_dpo", chat_dir, chat_dir / "unused",
+               f"data.sources.0.path={chat_dir}/pairs.jsonl")
+    data = build_preference_dataset(cfg.data, tok)
+    batch = data.batch(0, 0, 4)
+    torch.manual_seed(0)
+    policy = BitNetForCausalLM(tiny_config(vocab_size=512))
+    objective = DPOObjective(beta=0.1, loss_impl="torch", reference=make_reference(policy))
+    objective.setup(policy, Accelerator(cpu=True))
+    out = objective.micro_step(policy, {k: v for k, v in batch.items()})
+    pairs = batch["input_ids"].shape[0] // 2
+    assert abs(float(out.loss_sum.detach()) / pairs - math.log(2)) < 1e-6
+    assert abs(float(out.metric_sums["margin"])) < 1e-6
+    ref_before = copy.deepcopy(objective.reference.state_dict())
+    out.loss_sum.backward()
+    assert all(p.grad is None for p in objective.reference.parameters())
+    assert all(not p.requires_grad for p in objective.reference.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
+    torch.optim.SGD(policy.parameters(), lr=0.1).step()
+    after = objective.reference.state_dict()
+    assert all(torch.equal(ref_before[k], after[k]) for k in after)
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_dpo_run_raises_held_out_accuracy_and_margin(chat_dir, tmp_path, precompute):
+    out = tmp_path / "dpo"
+    cfg = _cfg("demo_dpo", chat_dir, out, f"data.sources.0.path={chat_dir}/pairs.jsonl",
+               "data.max_len=96", "trainer.epochs=1", "trainer.micro_batch_size=16",
+               "schedule.lr_peak=2e-3", f"objective.precompute_reference={precompute}",
+               "trainer.max_steps=25")
+    result = run(cfg)
+    held = copy.deepcopy(cfg.data)
+    held.sources[0].path = str(chat_dir / "pairs_heldout.jsonl")
+    tok = load_tokenizer(str(chat_dir / "tokenizer"))
+    policy = result.trainer.accelerator.unwrap_model(result.trainer.model)
+    # the reference is the starting point: a fresh init with the run's seed
+    reference = BitNetForCausalLM(policy.config)
+    reference.init_weights(cfg.seed)
+    if not precompute:
+        live_ref = result.trainer.objective.reference
+        assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(),
+                                                     live_ref.state_dict().values()))
+    before = evaluate_preferences(reference, reference, held, tok, loss_impl="torch")
+    after = evaluate_preferences(policy, reference, held, tok, loss_impl="torch")
+    assert before["margin"] == pytest.approx(0.0, abs=1e-6)
+    assert after["margin"] > 0.2  # beta x the gap of summed log-ratios, chosen - rejected
+    assert after["accuracy"] > 0.75
+    # raw log p(chosen) > log p(rejected) also improves (it is length-biased, so less clearly)
+    assert after["policy_accuracy"] > before["policy_accuracy"]
