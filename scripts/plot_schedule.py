@@ -39,11 +39,12 @@ def plot(schedule: ScheduleConfig, total_steps: int, out: Path, title: str) -> P
     ax_lr.set_xlabel("optimizer step")
     ax_lr.set_ylabel("learning rate", color="tab:blue")
     ax_wd = ax_lr.twinx()
-    ax_wd.plot(steps, wds, color="tab:orange", label="weight decay")
+    ax_wd.plot(steps, wds, color="tab:orange", linestyle=":", label="weight decay")
     ax_wd.set_ylabel("weight decay", color="tab:orange")
     if boundary < total_steps:
         ax_lr.axvline(boundary, color="gray", linestyle="--", label=f"stage 2 (step {boundary})")
-    ax_lr.legend(loc="upper right")
+    handles = ax_lr.get_legend_handles_labels()[0] + ax_wd.get_legend_handles_labels()[0]
+    ax_lr.legend(handles=handles, loc="upper right")
     ax_lr.set_title(title)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

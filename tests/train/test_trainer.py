@@ -193,3 +193,15 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
     for k, v in saved.items():
         assert torch.equal(v, before[k]), k
     assert all(math.isfinite(float(p.abs().sum())) for p in model.parameters())
+
+
+def test_default_tracker_is_wandb_offline(workdir, tmp_path):
+    """The default logger needs no account: wandb writes an offline run under output_dir."""
+    root, corpus = workdir
+    shutil.copytree(root / "tokenizer", tmp_path / "tokenizer")
+    cfg = pretrain_config(tmp_path, corpus, "trainer.max_steps=4", "trainer.log_every=2",
+                          "logger=wandb_offline")
+    assert cfg.logger.tracker == "wandb" and cfg.logger.wandb_mode == "offline"
+    run(cfg)
+    runs = list((tmp_path / "run").glob("wandb/offline-run-*"))
+    assert runs, list((tmp_path / "run").rglob("*"))[:20]
