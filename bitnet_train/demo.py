@@ -126,9 +126,10 @@ def run_demo(out: Path, steps_scale: float = 1.0) -> dict[str, float]:
     for f in sorted(Path(hf_dir).iterdir()) + [Path(gguf_path)]:
         if f.is_file():
             print(f"   {f.relative_to(out)}: {f.stat().st_size / 1024:.0f} KiB")
+    ours = chat_reply(dpo_model, tokenizer, QUESTION)
     reply = transformers_reply(Path(hf_dir), QUESTION)
-    print(f"   transformers, from {Path(hf_dir).relative_to(out)}:\n"
-          f"   User: {QUESTION}\n   Assistant: {reply}")
+    print(f"   User: {QUESTION}\n   Assistant (our DPO model):          {ours}\n"
+          f"   Assistant (transformers, {Path(hf_dir).relative_to(out)}, bf16): {reply}")
     return numbers
 
 

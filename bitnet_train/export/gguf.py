@@ -72,6 +72,7 @@ from bitnet_train.export.gguf_vocab import (
     vocab_from_tokenizer,
     write_vocab,
 )
+from bitnet_train.export.importers import master_weight
 from bitnet_train.export.ternary import extract_ternary
 from bitnet_train.model.config import BitNetConfig
 from bitnet_train.model.modeling import BitNetForCausalLM
@@ -362,7 +363,7 @@ def import_gguf(path: str | Path) -> tuple[Any, Any]:
         shape = tuple(expected[name].shape)
         if _is_ternary(name):
             codes, scale = _read_ternary(reader, tensors, gguf_name, shape, path)
-            state[name] = _master_weight(codes, scale)
+            state[name] = master_weight(torch.from_numpy(codes.astype(np.int8)), scale)
         else:
             if gguf_name not in tensors:
                 raise CheckpointError(f"{path}: tensor {gguf_name} (for {name}) is missing")
@@ -409,15 +410,6 @@ def _read_ternary(reader: _BitNetCppReader, tensors: dict[str, Any], gguf_name: 
     if scale_name in tensors:
         scale *= float(np.asarray(tensors[scale_name].data, dtype=np.float32).reshape(-1)[0])
     return codes, scale
-
-
-def _master_weight(codes: np.ndarray, scale: float) -> torch.Tensor:
-    """Latent weight that our quantizer maps back to exactly (codes, scale): T * a / mean(|T|)."""
-    t = torch.from_numpy(codes.astype(np.float32))
-    frac = t.abs().mean()
-    if frac == 0:
-        return torch.zeros_like(t)
-    return t * (scale / frac)
 
 
 def _from_f32(x: float) -> float:

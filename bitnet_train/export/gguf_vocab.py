@@ -18,15 +18,13 @@ from typing import Any
 
 from gguf import GGUFWriter, TokenType
 
+from bitnet_train.data.tokenizer import LLAMA3_PATTERN
 from bitnet_train.errors import ExportError
 
 logger = logging.getLogger(__name__)
 
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-"""LLaMA-3's pre-tokenizer split pattern (what llama.cpp's ``llama-bpe`` implements)."""
+# LLaMA-3's pre-tokenizer split pattern: what llama.cpp's ``llama-bpe`` implements.
+LLAMA3_SPLIT = LLAMA3_PATTERN
 _PAD_TOKEN = re.compile(r"\[PAD\d+\]")
 
 
@@ -109,10 +107,23 @@ def vocab_from_tokenizer(tokenizer: Any, vocab_size: int) -> GGUFVocab:
     )
 
 
+def _splits_like_llama3(pre: dict[str, Any]) -> bool:
+    """A Sequence of LLaMA-3's Split regex then a regex-free ByteLevel (LLaMA-3's own layout)."""
+    steps = pre.get("pretokenizers") or []
+    if pre.get("type") != "Sequence" or len(steps) != 2:
+        return False
+    split, byte_level = steps
+    pattern = (split.get("pattern") or {}).get("Regex")
+    return (split.get("type") == "Split" and pattern == LLAMA3_SPLIT
+            and byte_level.get("type") == "ByteLevel" and not byte_level.get("use_regex", True))
+
+
 def _pre_tokenizer_name(vocab: dict[str, int], backend: dict[str, Any]) -> str:
     if len(vocab) == 128256 and "<|begin_of_text|>" in vocab:
         return "llama-bpe"
     pre = backend.get("pre_tokenizer") or {}
+    if _splits_like_llama3(pre):  # e.g. a small BPE trained with LLaMA-3's pre-tokenizer
+        return "llama-bpe"
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get(
         "add_prefix_space", False
     ):

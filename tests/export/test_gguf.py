@@ -436,3 +436,15 @@ def test_size_report_for_2b4t_states_the_refusal():
     report = gguf_size_report(cfg, "i2_s")
     assert report["refused"] is None
     assert 0.5e9 < report["ternary_bytes"] < 0.55e9  # 2.08e9 weights at 2 bits
+
+
+def test_demo_tokenizer_is_written_with_llama3_pre_tokenizer(tmp_path):
+    """A BPE trained with LLaMA-3's split (the demo's) tells llama.cpp to split the same way."""
+    import json
+
+    from bitnet_train.data.tokenizer import train_demo_tokenizer
+    from bitnet_train.export.gguf_vocab import _pre_tokenizer_name
+
+    tok = train_demo_tokenizer(["hello world, 123 times"] * 10, tmp_path, vocab_size=300)
+    backend = json.loads(tok.backend_tokenizer.to_str())
+    assert _pre_tokenizer_name(tok.get_vocab(), backend) == "llama-bpe"
