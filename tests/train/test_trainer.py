@@ -118,15 +118,21 @@ def _one_step(tmp_path, micro_batches, reduction, seed=0):
     return {k: v.detach().clone() for k, v in acc.unwrap_model(model).state_dict().items()}
 
 
+def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """(8, 24) ids and labels with uneven numbers of label tokens per pair of rows."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 512, (8, 24), generator=g)
+    labels = ids.clone()
+    labels[0, :10] = -100
+    labels[5, 4:20] = -100
+    return ids, labels
+
+
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_accumulation_equals_one_big_batch(tmp_path, reduction):
     """1 process x 4 accumulation steps == 1 process x 1 step on the 4x batch, for the summed
     loss (the 2B4T SFT objective) and for the global per-token mean, with uneven label counts."""
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 512, (8, 24), generator=g)
-    labels = ids.clone()
-    labels[0, :10] = -100  # uneven numbers of label tokens per micro-batch
-    labels[5, 4:20] = -100
+    ids, labels = fixed_batch()
     big = {"input_ids": ids, "labels": labels}
     micro = [{"input_ids": ids[i:i + 2], "labels": labels[i:i + 2]} for i in range(0, 8, 2)]
     w_big = _one_step(tmp_path / "big", [big], reduction)
@@ -205,3 +211,30 @@ def test_default_tracker_is_wandb_offline(workdir, tmp_path):
     run(cfg)
     runs = list((tmp_path / "run").glob("wandb/offline-run-*"))
     assert runs, list((tmp_path / "run").rglob("*"))[:20]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_two_processes_equal_one_big_batch(tmp_path, reduction):
+    """2 processes (DDP, gloo) x 2 accumulation steps == 1 process x 1 step on the whole batch:
+    the trainer undoes DDP's mean and accelerate's accumulation division."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "ddp.pt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", "29533" if reduction == "sum" else "29534",
+         str(root / "tests/train/ddp_worker.py"), reduction, str(out)],
+        cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids, labels = fixed_batch()
+    w_big = _one_step(tmp_path / "big", [{"input_ids": ids, "labels": labels}], reduction)
+    w_ddp = torch.load(out)
+    w0 = BitNetForCausalLM(tiny_config())
+    w0.init_weights(0)
+    for k, v in w_big.items():
+        step = float((v - w0.state_dict()[k]).abs().max())  # summed-loss steps are large
+        assert torch.allclose(v, w_ddp[k], atol=1e-6 * max(1.0, step), rtol=1e-5), k

@@ -1,0 +1,48 @@
+"""Run by test_ddp.py under `torchrun --nproc_per_node 2`: one SGD(lr=1) step on this rank's
+half of a fixed batch (two accumulation micro-batches), then rank 0 saves the weights."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bitnet_train.model import BitNetForCausalLM  # noqa: E402
+from bitnet_train.train.checkpoint import Checkpointer  # noqa: E402
+from bitnet_train.train.objectives.language_model import LanguageModelObjective  # noqa: E402
+from bitnet_train.train.schedules import ScheduleConfig  # noqa: E402
+from bitnet_train.train.trainer import Trainer  # noqa: E402
+from tests.conftest import tiny_config  # noqa: E402
+from tests.train.test_trainer import ListPlan, fixed_batch  # noqa: E402
+
+
+def main(reduction: str, out: str) -> None:
+    acc = Accelerator(cpu=True)
+    assert acc.num_processes == 2, acc.num_processes
+    model = BitNetForCausalLM(tiny_config())
+    model.init_weights(0)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model, opt = acc.prepare(model, opt)
+    ids, labels = fixed_batch()
+    r = acc.process_index
+    mine = [{"input_ids": ids[4 * r + i:4 * r + i + 2], "labels": labels[4 * r + i:4 * r + i + 2]}
+            for i in (0, 2)]
+    trainer = Trainer(
+        accelerator=acc, model=model, objective=LanguageModelObjective(reduction, "torch"),
+        optimizer=opt, schedule=ScheduleConfig(warmup_steps=0, stage_boundary=1.0, lr_peak=1.0,
+                                               lr_stage1_end=1.0, wd_peak=0.0),
+        data=ListPlan([mine]), checkpointer=Checkpointer(Path(out).parent / f"ck{r}", 1),
+        total_steps=1, grad_accum=2, grad_clip=0.0, progress_bar=False,
+    )
+    trainer.train_step()
+    if acc.is_main_process:
+        torch.save(acc.unwrap_model(model).state_dict(), out)
+    acc.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
