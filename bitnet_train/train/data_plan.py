@@ -75,6 +75,7 @@ class EpochPlan(BatchPlan):
         self.total_steps = epochs * self.steps_per_epoch
         self.grad_accum = grad_accum
         self.ref_logps: Tensor | None = None  # (num_rows, 2) when precomputed (DPO)
+        self.counts: dict[str, int] = {}
 
     def rows_of(self, epoch: int, index: int) -> np.ndarray:
         return self.dataset.rank_rows(epoch)[index * self.micro:(index + 1) * self.micro]
@@ -124,6 +125,18 @@ def precompute_reference_logps(plan: EpochPlan, reference, device, loss_impl: st
     plan.ref_logps = table
 
 
+def data_counts(dataset) -> dict[str, int]:
+    """Encoding counts of an epoch dataset (seen, kept, truncated, dropped, ... per source)."""
+    if hasattr(dataset, "log_dict"):
+        return dataset.log_dict()
+    stats = getattr(dataset, "stats", None) or {}
+    out: dict[str, int] = {}
+    for name, st in stats.items():
+        out.update(st.as_dict(f"data/{name}/"))
+    out["data/rows"] = dataset.num_rows
+    return out
+
+
 def build_batch_plan(cfg: TrainConfig, tokenizer, accelerator, objective) -> BatchPlan:
     """The plan of `cfg.objective.name`'s data for this process; sets plan.total_steps."""
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -147,8 +160,15 @@ def build_batch_plan(cfg: TrainConfig, tokenizer, accelerator, objective) -> Bat
             from bitnet_train.data.preference import build_preference_dataset
 
             dataset = build_preference_dataset(cfg.data, tokenizer, rank=rank, world_size=world)
+    counts = data_counts(dataset)
+    if counts and accelerator.is_main_process:
+        # truncated / dropped conversations and pairs are counted, never silent
+        log.info("data: %s", ", ".join(f"{k.removeprefix('data/')}={v}"
+                                       for k, v in counts.items() if "/total/" in k or
+                                       k in ("data/rows", "data/examples_per_epoch")))
     plan = EpochPlan(dataset, cfg.trainer.epochs, cfg.trainer.micro_batch_size,
                      cfg.trainer.grad_accum)
+    plan.counts = counts
     if cfg.trainer.max_steps:
         plan.total_steps = min(plan.total_steps, cfg.trainer.max_steps)
     if name == "dpo" and cfg.objective.precompute_reference:

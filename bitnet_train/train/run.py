@@ -160,6 +160,11 @@ def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
         log.info("run %s at git %s in %s", cfg.run_name, _git_revision(), output_dir)
 
     tokenizer = load_tokenizer(cfg.tokenizer)
+    if cfg.objective.name in ("sft", "dpo") and not tokenizer.chat_template:
+        from bitnet_train.data.chat import CHAT_TEMPLATE
+
+        # the released 2B4T template; saved with the tokenizer, so exports carry it
+        tokenizer.chat_template = CHAT_TEMPLATE
     model = build_or_load_model(cfg.model, cfg.seed)
     if len(tokenizer) > model.config.vocab_size:
         raise ConfigError(
@@ -189,6 +194,8 @@ def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
 
     if accelerator.is_main_process and cfg.logger.tracker != "none":
         accelerator.init_trackers(cfg.logger.project, config=_flat_config(cfg))
+        if getattr(plan, "counts", None):
+            accelerator.log(plan.counts, step=0)
     trainer = Trainer(
         accelerator=accelerator, model=model, objective=objective, optimizer=optimizer,
         schedule=cfg.schedule, data=plan, checkpointer=checkpointer, total_steps=total_steps,
