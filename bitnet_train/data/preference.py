@@ -30,8 +30,7 @@ from bitnet_train.data.chat import IGNORE_INDEX, ChatEncoder, EncodeStats
 from bitnet_train.data.sft import (
     BAD_RECORD_MODES,
     EpochDataset,
-    encode_source,
-    mixture_indices,
+    encode_mixture,
     pad_rows,
     pad_token_id,
 )
@@ -146,17 +145,8 @@ def build_preference_dataset(cfg: PreferenceDataConfig, tokenizer, rank: int = 0
         return encode_pair(encoder, pair, cfg.max_len, stats)
 
     rng = np.random.default_rng(cfg.seed)
-    parts, examples, stats = [], [], {}
-    for s, source in enumerate(cfg.sources):
-        if source.name in stats:
-            raise ConfigError(f"two data sources are named {source.name!r}; give them names")
-        enc, stats[source.name] = encode_source(
-            source, "preference", encode_one, ["prompt_ids", "chosen_ids", "rejected_ids"],
-            cfg.on_bad_record, cfg.num_proc, cfg.cache_dir, fingerprint_extra=cfg.max_len)
-        idx = mixture_indices(len(enc), source.weight, rng)
-        parts.append(enc)
-        examples.append(np.stack([np.full_like(idx, s), idx], axis=1))
-    examples_arr = np.concatenate(examples)
+    parts, examples_arr, stats = encode_mixture(
+        cfg, "preference", encode_one, ["prompt_ids", "chosen_ids", "rejected_ids"], rng)
     log.info("preference data: %d pairs per epoch", len(examples_arr))
     return PreferenceDataset(parts, examples_arr, pad_token_id(tokenizer), cfg.seed, rank,
                              world_size, stats)

@@ -338,6 +338,27 @@ class SFTDataset(EpochDataset):
         return out
 
 
+def encode_mixture(cfg: SFTDataConfig | Any, kind: str, encode_one: Callable, columns: list[str],
+                   rng: np.random.Generator) -> tuple[list, np.ndarray, dict[str, EncodeStats]]:
+    """Encode every source of `cfg.sources` and draw its examples by weight.
+
+    Returns the encoded datasets (one per source), the examples of one epoch as (n, 2) rows of
+    [source index, row in that source] grouped by source, and the encoding counts per source.
+    Shared by the SFT and preference builders (`kind`: "sft" | "preference").
+    """
+    parts, examples, stats = [], [], {}
+    for s, source in enumerate(cfg.sources):
+        if source.name in stats:
+            raise ConfigError(f"two data sources are named {source.name!r}; give them names")
+        enc, stats[source.name] = encode_source(
+            source, kind, encode_one, columns, cfg.on_bad_record, cfg.num_proc, cfg.cache_dir,
+            fingerprint_extra=cfg.max_len)
+        idx = mixture_indices(len(enc), source.weight, rng)
+        parts.append(enc)
+        examples.append(np.stack([np.full_like(idx, s), idx], axis=1))
+    return parts, np.concatenate(examples), stats
+
+
 def build_sft_dataset(cfg: SFTDataConfig, tokenizer, rank: int = 0,
                       world_size: int = 1) -> SFTDataset:
     """Load, encode, mix and pack `cfg.sources` for this rank (see module doc)."""
@@ -350,18 +371,11 @@ def build_sft_dataset(cfg: SFTDataConfig, tokenizer, rank: int = 0,
         return None if encoded is None else {"input_ids": encoded[0], "labels": encoded[1]}
 
     rng = np.random.default_rng(cfg.seed)
-    parts, examples, lengths, stats = [], [], [], {}
-    for s, source in enumerate(cfg.sources):
-        if source.name in stats:
-            raise ConfigError(f"two data sources are named {source.name!r}; give them names")
-        enc, stats[source.name] = encode_source(
-            source, "sft", encode_one, ["input_ids", "labels"], cfg.on_bad_record,
-            cfg.num_proc, cfg.cache_dir, fingerprint_extra=cfg.max_len)
-        idx = mixture_indices(len(enc), source.weight, rng)
-        parts.append(enc)
-        examples.append(np.stack([np.full_like(idx, s), idx], axis=1))
-        lengths.append(np.asarray(enc["length"])[idx])
-    examples_arr = np.concatenate(examples)
+    parts, examples_arr, stats = encode_mixture(cfg, "sft", encode_one, ["input_ids", "labels"],
+                                                rng)
+    part_lengths = [np.asarray(part["length"]) for part in parts]
+    lengths = [part_lengths[s][examples_arr[examples_arr[:, 0] == s, 1]]
+               for s in range(len(parts))]
     # a seeded shuffle first, so that equal lengths from different sources interleave
     order = rng.permutation(len(examples_arr))
     examples_arr, lens = examples_arr[order], np.concatenate(lengths)[order]
