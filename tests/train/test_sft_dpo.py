@@ -138,3 +138,22 @@ def test_dpo_run_raises_held_out_accuracy_and_margin(chat_dir, tmp_path, precomp
     assert after["accuracy"] > 0.75
     # raw log p(chosen) > log p(rejected) also improves (it is length-biased, so less clearly)
     assert after["policy_accuracy"] > before["policy_accuracy"]
+
+
+def test_sft_resume_mid_epoch_is_exact(chat_dir, tmp_path):
+    """Epoch-based data: N steps, checkpoint, resume, the rest == straight through."""
+    import shutil
+
+    common = [f"data.sources.0.path={chat_dir}/chat.jsonl", "data.max_len=64",
+              "trainer.epochs=2", "trainer.micro_batch_size=4", "trainer.grad_accum=2",
+              "trainer.checkpoint_every=3", "trainer.keep_last=10", "schedule.warmup_steps=1"]
+    straight = run(_cfg("demo_sft", chat_dir, tmp_path / "a", *common))
+    total = len(straight.history)
+    assert total > 4  # the checkpoint at step 3 sits inside the first epoch
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step_00000003",
+                    tmp_path / "b" / "checkpoints" / "step_00000003")
+    resumed = run(_cfg("demo_sft", chat_dir, tmp_path / "b", *common))
+    assert [h.step for h in resumed.history] == list(range(3, total))
+    assert [h.metrics["loss"] for h in resumed.history] == \
+        [h.metrics["loss"] for h in straight.history[3:]]
