@@ -19,16 +19,16 @@ epoch's example list (fixed across epochs), e.g. to look up precomputed referenc
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from bitnet_train.data.adapters import Pair, SourceConfig
+from bitnet_train.data.adapters import Pair
 from bitnet_train.data.chat import IGNORE_INDEX, ChatEncoder, EncodeStats
 from bitnet_train.data.sft import (
-    BAD_RECORD_MODES,
+    ChatDataConfig,
     EpochDataset,
     encode_mixture,
     pad_rows,
@@ -40,27 +40,12 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class PreferenceDataConfig:
-    """The `data` section of a DPO run (epochs are the trainer's)."""
+class PreferenceDataConfig(ChatDataConfig):
+    """The `data` section of a DPO run: preference sources (formats ultrafeedback, magpie_dpo,
+    pairs) with weights."""
 
-    sources: list[SourceConfig] = field(default_factory=list)
-    """Preference sources (formats: ultrafeedback, magpie_dpo, pairs) with weights."""
     max_len: int = 2048
     """Tokens per row (prompt + one response)."""
-    on_bad_record: str = "error"
-    """error | skip (skip and count records an adapter cannot read)."""
-    seed: int = 0
-    """Mixture subsets and the per-epoch shuffles."""
-    num_proc: int | None = None
-    """Processes for encoding (datasets.map); None: this process."""
-    cache_dir: str | None = None
-    """datasets cache directory; None: datasets' default."""
-
-    def __post_init__(self) -> None:
-        if self.max_len < 2:
-            raise ConfigError(f"data.max_len={self.max_len} must be >= 2")
-        if self.on_bad_record not in BAD_RECORD_MODES:
-            raise ConfigError(f"data.on_bad_record={self.on_bad_record!r}; choose error or skip")
 
 
 def encode_pair(encoder: ChatEncoder, pair: Pair, max_len: int,

@@ -42,16 +42,13 @@ BAD_RECORD_MODES = ("error", "skip")
 
 
 @dataclass
-class SFTDataConfig:
-    """The `data` section of an SFT run (epochs are the trainer's)."""
+class ChatDataConfig:
+    """Fields shared by the SFT and preference `data` sections (epochs are the trainer's)."""
 
     sources: list[SourceConfig] = field(default_factory=list)
     """The mixture: each a hub id or local file with its format and weight."""
     max_len: int = 4096
-    """Tokens per row (packed) or per conversation; longer conversations are truncated by the
-    rule of `ChatEncoder.encode` (drop whole trailing turns first) and counted."""
-    pack: bool = True
-    """Pack several conversations per row (attention kept inside each); else one per row."""
+    """Tokens per row."""
     on_bad_record: str = "error"
     """error: stop at the first record an adapter cannot read (naming source and row) | skip:
     skip and count such records."""
@@ -67,6 +64,17 @@ class SFTDataConfig:
             raise ConfigError(f"data.max_len={self.max_len} must be >= 2")
         if self.on_bad_record not in BAD_RECORD_MODES:
             raise ConfigError(f"data.on_bad_record={self.on_bad_record!r}; choose error or skip")
+
+
+@dataclass
+class SFTDataConfig(ChatDataConfig):
+    """The `data` section of an SFT run."""
+
+    max_len: int = 4096
+    """Tokens per row (packed) or per conversation; longer conversations are truncated by the
+    rule of `ChatEncoder.encode` (drop whole trailing turns first) and counted."""
+    pack: bool = True
+    """Pack several conversations per row (attention kept inside each); else one per row."""
 
 
 # -- the epoch machinery shared by SFT and preference data -----------------------------------

@@ -7,14 +7,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from bitnet_train.data.chat import CHAT_TEMPLATE
 from bitnet_train.model import BitNetConfig, BitNetForCausalLM
 
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{{ m['role'] | capitalize }}: "
-    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}Assistant: {% endif %}"
-)
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "A ternary weight is minus one, zero or one; the scale is the mean absolute value.",

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.integrations.bitnet import AutoBitLinear
 
+from bitnet_train.data.chat import CHAT_TEMPLATE
 from bitnet_train.data.tokenizer import train_demo_tokenizer
 from bitnet_train.errors import ExportError
 from bitnet_train.export import hf as hf_export
@@ -42,11 +43,6 @@ from bitnet_train.model import BitNetForCausalLM, build_model, model_size, terna
 from tests.conftest import tiny_config
 
 REL_TOL = 0.05
-CHAT_TEMPLATE = (  # 2B4T's released template (formats.md)
-    "{{ bos_token }}{% for m in messages %}{{ m['role'] | capitalize }}: "
-    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}Assistant: {% endif %}"
-)
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "A ternary weight is minus one, zero or one; the scale is the mean absolute value.",
@@ -257,7 +253,7 @@ def test_tokenizer_and_generation_config(exported):
         assert loaded.chat_template == CHAT_TEMPLATE
         text = loaded.apply_chat_template([{"role": "user", "content": " hi "}], tokenize=False,
                                           add_generation_prompt=True)
-        assert text == "<|begin_of_text|>User: hi<|eot_id|>Assistant: "
+        assert text == "User: hi<|eot_id|>Assistant: "  # the released template adds no BOS
         gen = GenerationConfig.from_pretrained(str(exported / fmt))
         assert gen.bos_token_id == tok.bos_token_id
         assert gen.eos_token_id == [tok.eos_token_id, eot]
