@@ -68,50 +68,39 @@ def fake_quant_activation_ref(x: Tensor) -> Tensor:
     return (x_q / s_x).to(x.dtype)
 
 
-class _WeightSTE(torch.autograd.Function):
-    """Forward: ternary fake-quantization. Backward: identity (straight-through).
+def _straight_through(quantized: Tensor, x: Tensor) -> Tensor:
+    """``quantized`` in the forward, the identity gradient to ``x`` in the backward.
 
-    A custom Function rather than ``w + (q - w).detach()`` so the forward is bit-exact: the
-    detach trick adds and subtracts w, which is not an identity in floating point.
+    ``quantized + (x - x.detach())`` is bit-exact: ``x - x.detach()`` is exactly zero for finite
+    x, and adding zero changes no value (``x + (q - x).detach()``, the usual form, rounds).
+    It is plain autograd on ATen ops rather than a custom ``autograd.Function``: torch 2.11's
+    Dynamo mis-routes the gradient of a Function whose forward ends in a no-op dtype cast
+    (``.to(same dtype)`` returns its input), and every decoder weight of a compiled block got a
+    gradient of exactly 0 (tests/model/test_bitlinear.py holds compiled gradients equal to eager).
     """
-
-    @staticmethod
-    def forward(ctx, weight: Tensor) -> Tensor:  # noqa: D102
-        return fake_quant_weight_ref(weight)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
-        return grad
-
-
-class _ActivationSTE(torch.autograd.Function):
-    """Forward: per-token int8 fake-quantization. Backward: identity (straight-through)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # noqa: D102
-        return fake_quant_activation_ref(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
-        return grad
+    return quantized.detach() + (x - x.detach())
 
 
 def quantize_weight_ste(weight: Tensor) -> Tensor:
-    """Ternary fake-quantized weight with a straight-through gradient."""
-    return _WeightSTE.apply(weight)
+    """Ternary fake-quantized weight ``T * a`` (weight's dtype) with a straight-through gradient."""
+    with torch.no_grad():
+        quantized = fake_quant_weight_ref(weight)
+    return _straight_through(quantized, weight)
 
 
 def quantize_activation_ste(x: Tensor) -> Tensor:
-    """Int8 fake-quantized activation with a straight-through gradient."""
-    return _ActivationSTE.apply(x)
+    """Int8 fake-quantized activation ``x_q / s_x`` (x's dtype) with a straight-through gradient."""
+    with torch.no_grad():
+        quantized = fake_quant_activation_ref(x)
+    return _straight_through(quantized, x)
 
 
 class BitLinear(nn.Module):
-    """A bias-free linear layer computing ``quant_a(x) @ quant_w(W).T`` (W1.58A8).
+    """A bias-free linear layer computing ``quant_a(x) @ quant_w(W).T`` (W1.58A8), the reference.
 
     The latent ``weight`` (out, in) stays in full precision and receives straight-through
-    gradients. ``freeze()`` switches to an inference mode that keeps the ternary codes and scale
-    as buffers, so the weight quantizer is not recomputed each call.
+    gradients. This is the eager definition every fast path (bitnet_train.kernels) is tested
+    against; the model never changes its own forward for speed.
     """
 
     def __init__(
@@ -127,23 +116,13 @@ class BitLinear(nn.Module):
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, device=device, dtype=dtype)
         )
-        self._frozen: Tensor | None = None
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., in) -> (..., out)."""
         x_q = quantize_activation_ste(x)
-        w_q = self._frozen if self._frozen is not None else quantize_weight_ste(self.weight)
+        w_q = quantize_weight_ste(self.weight)
         return F.linear(x_q, w_q.to(x_q.dtype))
-
-    @torch.no_grad()
-    def freeze(self) -> None:
-        """Cache the dequantized ternary weight (inference only; gradients stop flowing to W)."""
-        self._frozen = fake_quant_weight_ref(self.weight)
-
-    def unfreeze(self) -> None:
-        """Return to training mode (quantize the latent weight every call)."""
-        self._frozen = None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias=False"
