@@ -12,6 +12,7 @@ step's gradient is exactly that of the mean (or sum) over the whole global batch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import resource
@@ -112,47 +113,74 @@ class Trainer:
         self.step = 0
         self.history: list[StepResult] = []
         self.last_checkpoint: str | None = None
+        self._gradients_checked = False
 
     # -- one step ---------------------------------------------------------------------------
-    def _fetch(self) -> list[dict[str, Tensor]]:
+    def _fetch(self) -> tuple[list[dict[str, Tensor]], int, int]:
+        """The step's micro-batches on the device, with their item and token counts.
+
+        Counted on the host before the copy (the data comes from CPU loaders), so counting costs
+        no device sync; pinned, non-blocking copies let the copy overlap queued GPU work.
+        """
+        batches = self.data.batches_for_step(self.step, self.grad_accum)
+        count = sum(self.objective.count(b) for b in batches)
+        tokens = sum(int(b["input_ids"].numel()) for b in batches)
         dev = self.accelerator.device
-        return [{k: v.to(dev) for k, v in b.items()}
-                for b in self.data.batches_for_step(self.step, self.grad_accum)]
+        return [{k: _to_device(v, dev) for k, v in b.items()} for b in batches], count, tokens
 
-    def _global_sum(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
-        return float(self.accelerator.reduce(t, reduction="sum").item())
+    def _reduce_sum(self, values: Tensor) -> Tensor:
+        """All-reduce (sum) a vector over processes, on the device, without a host sync."""
+        return self.accelerator.reduce(values, reduction="sum")
 
-    def forward_backward_step(self, batch: dict[str, Tensor], scale: float, sync: bool):
+    def forward_backward_step(self, batch: dict[str, Tensor], scale: Tensor, sync: bool):
         """Forward one micro-batch and backpropagate `scale * loss_sum`."""
-        ctx = self.accelerator.no_sync(self.model) if not sync else _nullcontext()
+        ctx = self.accelerator.no_sync(self.model) if not sync else contextlib.nullcontext()
         with ctx, self.accelerator.autocast():
             out = self.objective.micro_step(self.model, batch)
             self.accelerator.backward(out.loss_sum * scale)
         return out
 
     def train_step(self) -> StepResult | None:
-        """One optimizer step over `grad_accum` micro-batches; None when the data is exhausted."""
-        batches = self._fetch()
+        """One optimizer step over `grad_accum` micro-batches; None when the data is exhausted.
+
+        One host sync per step: metric sums, the item count and the gradient norm stay on the
+        device (summed over processes in one all-reduce) until a single `.tolist()` before the
+        checks and the optimizer step.
+        """
+        batches, local_count, local_tokens = self._fetch()
         if not batches:
             return None
-        local_count = sum(self.objective.count(b) for b in batches)
-        global_count = self._global_sum(float(local_count))
+        dev = self.accelerator.device
+        count = self._reduce_sum(torch.tensor([float(local_count)], dtype=torch.float64,
+                                              device=dev))
+        world = self.accelerator.num_processes
+        # DDP averages gradients over processes: multiply by world to undo it
+        scale = (world / count.clamp(min=1.0) if self.objective.reduction == "mean"
+                 else torch.full_like(count, float(world))).float().squeeze(0)
+        sums: dict[str, Tensor] = {}
+        for i, batch in enumerate(batches):
+            out = self.forward_backward_step(batch, scale, sync=i == len(batches) - 1)
+            for k, v in out.metric_sums.items():
+                v = v.detach().float().reshape(())
+                sums[k] = sums[k] + v if k in sums else v
+        keys = sorted(sums)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        total_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params \
+            else torch.zeros((), device=dev)
+        norm_value = total_norm.full_tensor() if hasattr(total_norm, "full_tensor") \
+            else total_norm  # DTensor gradients (FSDP2): the norm of the whole model
+        local = torch.stack([sums[k] for k in keys]
+                            + [torch.tensor(float(local_tokens), device=dev)])
+        host = torch.cat([self._reduce_sum(local), count.float(),
+                          norm_value.float().reshape(1).to(dev)]).tolist()
+        totals, global_count, grad_norm = host[:-2], host[-2], host[-1]  # the step's one sync
+        loss_total = totals[keys.index("loss")] if "loss" in keys else 0.0
         if global_count == 0:
+            self.optimizer.zero_grad(set_to_none=True)
             raise TrainingError(
                 f"step {self.step}: no item in the global batch carries a label (every label "
                 "is -100); check the data's masking and max_len"
             )
-        world = self.accelerator.num_processes
-        scale = world / global_count if self.objective.reduction == "mean" else float(world)
-        sums: dict[str, float] = {}
-        tokens = 0
-        for i, batch in enumerate(batches):
-            out = self.forward_backward_step(batch, scale, sync=i == len(batches) - 1)
-            for k, v in out.metric_sums.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            tokens += int(batch["input_ids"].numel())
-        loss_total = self._global_sum(sums.get("loss", 0.0))
         if not math.isfinite(loss_total):
             self.optimizer.zero_grad(set_to_none=True)
             where = self.last_checkpoint or "none written yet"
@@ -161,16 +189,17 @@ class Trainer:
                 f"Last good checkpoint: {where}. Lower the learning rate or inspect the data of "
                 "this step, then resume with trainer.resume=auto."
             )
-        grad_norm = (
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            if self.grad_clip > 0 else _grad_norm(self.model)
-        )
+        if not self._gradients_checked:
+            check_gradients(self.accelerator.unwrap_model(self.model), self.step)
+            self._gradients_checked = True
+        if self.grad_clip > 0:  # with the norm already computed: no second pass, no sync
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, total_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        metrics = {k: self._global_sum(v) / global_count for k, v in sums.items()}
-        metrics["grad_norm"] = float(grad_norm)
+        metrics = {k: totals[i] / global_count for i, k in enumerate(keys)}
+        metrics["grad_norm"] = grad_norm
         metrics["items"] = global_count
-        metrics["tokens"] = self._global_sum(float(tokens))
+        metrics["tokens"] = totals[-1]
         if self.objective.reduction == "sum":
             metrics["loss_sum"] = loss_total
         return StepResult(step=self.step, metrics=metrics)
@@ -212,7 +241,9 @@ class Trainer:
         m = dict(result.metrics)
         m["tokens_per_s"] = tokens_per_s
         if self.flops_per_token and self.peak_tflops:
-            m["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_tflops * 1e12)
+            # tokens_per_s counts every process; MFU is per GPU, against one GPU's peak
+            per_gpu = tokens_per_s / self.accelerator.num_processes
+            m["mfu"] = per_gpu * self.flops_per_token / (self.peak_tflops * 1e12)
         if torch.cuda.is_available():
             m["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         else:
@@ -285,15 +316,43 @@ class Trainer:
         self.last_checkpoint = str(path)
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @torch.no_grad()
-def _grad_norm(model: nn.Module) -> float:
-    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else 0.0
+def check_gradients(model: nn.Module, step: int) -> None:
+    """Raise TrainingError naming every trainable parameter whose gradient is missing, non-finite
+    or exactly zero after a backward.
+
+    Run once, after the first backward of a run: a fast path that silently drops gradients
+    (torch 2.11's compile did, for every decoder weight) must stop the run at its first step,
+    not train the embeddings alone for days. One host sync, once. Sharded (DTensor) gradients
+    are reduced to the whole tensor's norm: a shard may legitimately be all zeros.
+    """
+    names, norms, missing = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            missing.append(name)
+            continue
+        norm = torch.linalg.vector_norm(p.grad.detach().float())
+        if hasattr(norm, "full_tensor"):  # DTensor
+            norm = norm.full_tensor()
+        names.append(name)
+        norms.append(norm)
+    values = torch.stack(norms).tolist() if norms else []
+    bad = missing + [f"{n} (norm {v})" for n, v in zip(names, values)
+                     if not math.isfinite(v) or v == 0.0]
+    if bad:
+        shown = ", ".join(bad[:12]) + (f", ... ({len(bad)} in all)" if len(bad) > 12 else "")
+        raise TrainingError(
+            f"step {step}: after the first backward, {len(bad)} of {len(names) + len(missing)} "
+            f"trainable parameters have a missing, non-finite or all-zero gradient: {shown}. "
+            "Nothing was updated. A fast path (trainer.compile, trainer.kernels) that drops "
+            "gradients, a frozen branch or a NaN in the data does this: rerun with "
+            "trainer.compile=false trainer.kernels=reference to tell which."
+        )

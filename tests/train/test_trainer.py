@@ -50,6 +50,25 @@ def test_short_run_memorises_repeated_corpus(workdir, tmp_path):
     assert torch.equal(model(ids).logits, live(ids).logits)
 
 
+def test_run_on_fused_kernels_matches_reference_run(workdir, tmp_path):
+    """trainer.kernels=triton (here through Triton's CPU interpreter) trains the same model as
+    the reference: the layers are fused, and the losses track the reference run's within
+    bf16 noise (the fused products return bf16; the CPU reference runs in fp32)."""
+    root, corpus = workdir
+    losses = {}
+    for mode in ("reference", "triton"):
+        shutil.copytree(root / "tokenizer", tmp_path / mode / "tokenizer")
+        result = run(pretrain_config(tmp_path / mode, corpus, "trainer.max_steps=3",
+                                     f"trainer.kernels={mode}", "schedule.lr_peak=5e-3",
+                                     "trainer.micro_batch_size=2"))
+        layers = result.trainer.accelerator.unwrap_model(result.trainer.model).model.layers
+        assert (type(layers[0]).__name__ == "FusedBitNetDecoderLayer") == (mode == "triton")
+        losses[mode] = [h.metrics["loss"] for h in result.history]
+    for a, b in zip(losses["triton"], losses["reference"]):
+        assert a == pytest.approx(b, rel=2e-2)
+    assert losses["triton"][-1] < losses["triton"][0]
+
+
 def test_resume_is_exact(workdir, tmp_path):
     """2N steps straight == N steps, checkpoint, resume, N steps: every loss and final weights."""
     root, corpus = workdir
@@ -199,6 +218,61 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
     for k, v in saved.items():
         assert torch.equal(v, before[k]), k
     assert all(math.isfinite(float(p.abs().sum())) for p in model.parameters())
+
+
+@pytest.mark.parametrize("fault", ["zero", "nan"])
+def test_first_backward_guard_names_parameters_without_gradient(tmp_path, fault):
+    """A path that zeroes (or poisons) some gradients stops the run at its first step, naming
+    the parameters, before any update."""
+    torch.manual_seed(0)
+    model = BitNetForCausalLM(tiny_config())
+    broken = ["model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"]
+    params = dict(model.named_parameters())
+    for name in broken:
+        factor = 0.0 if fault == "zero" else float("nan")
+        params[name].register_hook(lambda g, f=factor: g * f)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    acc = Accelerator(cpu=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, opt = acc.prepare(model, opt)
+    ids = torch.randint(3, 512, (2, 16))
+    trainer = Trainer(
+        accelerator=acc, model=model, objective=LanguageModelObjective("mean", "torch"),
+        optimizer=opt, schedule=ScheduleConfig(warmup_steps=0, stage_boundary=1.0),
+        data=ListPlan([[{"input_ids": ids, "labels": ids}]] * 2),
+        checkpointer=Checkpointer(tmp_path / "ck", 1), total_steps=2, grad_accum=1,
+        grad_clip=1.0, progress_bar=False,
+    )
+    with pytest.raises(TrainingError, match="2 of") as err:
+        trainer.train_step()
+    for name in broken:
+        assert name in str(err.value)
+    assert "embed_tokens" not in str(err.value)
+    after = acc.unwrap_model(model).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_first_backward_guard_checks_only_the_first_step(tmp_path):
+    """A healthy first step passes the guard; later steps pay nothing for it (a gradient that
+    vanishes at step 2 is not looked for)."""
+    torch.manual_seed(0)
+    model = BitNetForCausalLM(tiny_config())
+    acc = Accelerator(cpu=True)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    model, opt = acc.prepare(model, opt)
+    ids = torch.randint(3, 512, (2, 16))
+    trainer = Trainer(
+        accelerator=acc, model=model, objective=LanguageModelObjective("mean", "torch"),
+        optimizer=opt, schedule=ScheduleConfig(warmup_steps=0, stage_boundary=1.0),
+        data=ListPlan([[{"input_ids": ids, "labels": ids}]] * 2),
+        checkpointer=Checkpointer(tmp_path / "ck", 1), total_steps=2, grad_accum=1,
+        grad_clip=0.0, progress_bar=False,
+    )
+    assert trainer.train_step() is not None
+    dict(acc.unwrap_model(model).named_parameters())["model.norm.weight"].register_hook(
+        lambda g: g * 0.0)
+    trainer.step = 1
+    assert trainer.train_step() is not None
 
 
 def test_default_tracker_is_wandb_offline(workdir, tmp_path):
