@@ -32,7 +32,7 @@ from torch import Tensor
 
 from bitnet_train.errors import ExportError
 from bitnet_train.export.packing import VALUES_PER_BYTE, pack_ternary
-from bitnet_train.export.ternary import extract_ternary
+from bitnet_train.export.ternary import extract_ternary, require_ternary
 from bitnet_train.io import (
     generation_config_dict,
     hf_config_dict,
@@ -83,6 +83,7 @@ def export_hf(
     Returns:
         the output directory (written atomically).
     """
+    require_ternary(model)
     if not packed:
         return save_model(model, out_dir, tokenizer=tokenizer, dtype=EMBEDDING_DTYPE)
     state = packed_state(model)

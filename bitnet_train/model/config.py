@@ -13,6 +13,7 @@ from typing import Any
 from bitnet_train.errors import ConfigError
 
 HIDDEN_ACTS = ("relu2", "silu")
+QUANTIZATIONS = ("ternary", "none")
 
 
 @dataclass
@@ -41,6 +42,10 @@ class BitNetConfig:
     bos_token_id: int | None = 128000
     eos_token_id: int | None = 128001
     pad_token_id: int | None = None
+    quantization: str = "ternary"
+    """ternary: every projection a BitLinear (W1.58A8, the model this project trains) | none:
+    plain bf16-trained linear layers, the same model otherwise (ablations; the ceiling a ternary
+    training step is benchmarked against). Only ternary models export to the ternary formats."""
     name: str = "2b4t"
     """A label for logs and file names; not part of the architecture."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -72,6 +77,10 @@ class BitNetConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(
+                f"model.quantization={self.quantization!r}; choose one of {QUANTIZATIONS}"
+            )
         if self.hidden_act not in HIDDEN_ACTS:
             raise ConfigError(
                 f"model.hidden_act={self.hidden_act!r} is not supported; "
@@ -109,6 +118,10 @@ class BitNetConfig:
             "attention_dropout": 0.0,
             "use_cache": True,
         }
+        if self.quantization != "ternary":
+            # not a transformers key: transformers would run these weights through its ternary
+            # quantizer; our loaders read it back, and the exporters refuse such a model
+            d["bitnet_train_quantization"] = self.quantization
         d.update(self.extra)
         return d
 
@@ -128,11 +141,14 @@ class BitNetConfig:
             kwargs["tie_word_embeddings"] = False  # transformers' default when absent
         if "max_position_embeddings" not in d:
             kwargs["max_position_embeddings"] = 2048  # transformers' default when absent
+        if "bitnet_train_quantization" in d:
+            kwargs["quantization"] = d["bitnet_train_quantization"]
         eos = kwargs.get("eos_token_id")
         if isinstance(eos, list):
             kwargs["eos_token_id"] = eos[0]
         skip = known | {"architectures", "model_type", "rope_parameters", "head_dim",
                         "attention_bias", "attention_dropout", "use_cache", "torch_dtype", "dtype",
-                        "transformers_version", "quantization_config"}
+                        "transformers_version", "quantization_config",
+                        "bitnet_train_quantization"}
         extra = {k: v for k, v in d.items() if k not in skip}
         return cls(**kwargs, name=name or "hf", extra=extra)

@@ -22,8 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bitnet_train.model.attention import AttentionBackend, SDPAAttention
 from bitnet_train.model.bitlinear import BitLinear
 from bitnet_train.model.config import BitNetConfig
+
+
+def make_projection(config: BitNetConfig, in_features: int, out_features: int) -> nn.Module:
+    """A BitLinear, or a plain bias-free nn.Linear when `config.quantization == "none"` (the
+    same model in full precision: for ablations, and the ceiling a ternary step is measured
+    against). Both own a `weight` (out, in), so parameter names do not change."""
+    if config.quantization == "none":
+        return nn.Linear(in_features, out_features, bias=False)
+    return BitLinear(in_features, out_features)
 
 
 class RMSNorm(nn.Module):
@@ -66,32 +76,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None] + _rotate_half(x) * sin[:, None]
 
 
-def build_attention_mask(
-    batch: int,
-    seq: int,
-    device: torch.device,
-    attention_mask: Tensor | None = None,
-    document_ids: Tensor | None = None,
-) -> Tensor | None:
-    """Boolean SDPA mask (B, 1, L, L), True = may attend; None means plain causal.
-
-    attention_mask (B, L): 1 for real tokens, 0 for padding. document_ids (B, L): tokens attend
-    only to earlier tokens of the same document (packed sequences). A query row with no visible
-    key (left padding) may see itself, so SDPA never produces NaN; such rows are padding and
-    carry no loss.
-    """
-    if attention_mask is None and document_ids is None:
-        return None
-    idx = torch.arange(seq, device=device)
-    mask = (idx[None, :] <= idx[:, None])[None]  # (1, L, L) causal
-    if document_ids is not None:
-        mask = mask & (document_ids[:, :, None] == document_ids[:, None, :])
-    if attention_mask is not None:
-        mask = mask & attention_mask.bool()[:, None, :]
-    mask = mask | torch.eye(seq, dtype=torch.bool, device=device)[None]
-    return mask.expand(batch, seq, seq)[:, None]
-
-
 class BitNetAttention(nn.Module):
     def __init__(self, config: BitNetConfig) -> None:
         super().__init__()
@@ -99,24 +83,30 @@ class BitNetAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = d
-        self.q_proj = BitLinear(h, self.num_heads * d)
-        self.k_proj = BitLinear(h, self.num_kv_heads * d)
-        self.v_proj = BitLinear(h, self.num_kv_heads * d)
-        self.o_proj = BitLinear(self.num_heads * d, h)
+        self.q_proj = make_projection(config, h, self.num_heads * d)
+        self.k_proj = make_projection(config, h, self.num_kv_heads * d)
+        self.v_proj = make_projection(config, h, self.num_kv_heads * d)
+        self.o_proj = make_projection(config, self.num_heads * d, h)
         self.attn_sub_norm = RMSNorm(h, config.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
-        b, seq, _ = x.shape
-        q = self.q_proj(x).view(b, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, heads, L, head_dim)
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:  # repeat KV heads; enable_gqa is not supported by every SDPA backend
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        out = out.transpose(1, 2).reshape(b, seq, self.num_heads * self.head_dim)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, mask: Any,
+               backend: AttentionBackend) -> Tensor:
+        """Projected q (B, L, heads*D), k/v (B, L, kv_heads*D) -> attention output (B, L, heads*D),
+        before attn_sub_norm and o_proj: RoPE, then the backend's masked softmax attention."""
+        b, seq, _ = q.shape
+        q = q.view(b, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # RoPE in the tables' precision (fp32 from fp32 embeddings), then back to the projections'
+        # dtype, which is what SDPA's autocast would cast to (and what flex needs: one dtype)
+        q = apply_rope(q, cos, sin).to(v.dtype)  # (B, heads, L, head_dim)
+        k = apply_rope(k, cos, sin).to(v.dtype)
+        out = backend(q, k, v, mask)  # (B, heads, L, head_dim)
+        return out.transpose(1, 2).reshape(b, seq, self.num_heads * self.head_dim)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Any,
+                backend: AttentionBackend) -> Tensor:
+        out = self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, mask, backend)
         return self.o_proj(self.attn_sub_norm(out))
 
 
@@ -124,9 +114,9 @@ class BitNetMLP(nn.Module):
     def __init__(self, config: BitNetConfig) -> None:
         super().__init__()
         h, m = config.hidden_size, config.intermediate_size
-        self.gate_proj = BitLinear(h, m)
-        self.up_proj = BitLinear(h, m)
-        self.down_proj = BitLinear(m, h)
+        self.gate_proj = make_projection(config, h, m)
+        self.up_proj = make_projection(config, h, m)
+        self.down_proj = make_projection(config, m, h)
         self.ffn_sub_norm = RMSNorm(m, config.rms_norm_eps)
         self.act: Callable[[Tensor], Tensor] = (
             (lambda t: F.relu(t).square()) if config.hidden_act == "relu2" else F.silu
@@ -144,16 +134,23 @@ class BitNetDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = BitNetMLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Any,
+                backend: AttentionBackend) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, backend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class BitNetModel(nn.Module):
-    """Embeddings, decoder stack and final norm: token ids -> hidden states (B, L, hidden)."""
+    """Embeddings, decoder stack and final norm: token ids -> hidden states (B, L, hidden).
+
+    `attention` is the attention backend (bitnet_train.model.attention): SDPA with a dense mask
+    by default; `apply_attention` swaps in FlexAttention on CUDA. A plain attribute, not a
+    module: it holds no parameters and is not part of the state dict.
+    """
 
     def __init__(self, config: BitNetConfig) -> None:
         super().__init__()
+        self.attention: AttentionBackend = SDPAAttention()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             BitNetDecoderLayer(config) for _ in range(config.num_hidden_layers)
@@ -173,9 +170,9 @@ class BitNetModel(nn.Module):
             position_ids = torch.arange(seq, device=input_ids.device).expand(b, seq)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(position_ids, x.dtype)
-        mask = build_attention_mask(b, seq, input_ids.device, attention_mask, document_ids)
+        mask = self.attention.build_mask(b, seq, input_ids.device, attention_mask, document_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+            x = layer(x, cos, sin, mask, self.attention)
         return self.norm(x)
 
 
@@ -218,7 +215,7 @@ class BitNetForCausalLM(nn.Module):
         std = self.config.initializer_range
         resid_std = std / math.sqrt(2 * self.config.num_hidden_layers)
         for name, module in self.named_modules():
-            if isinstance(module, BitLinear | nn.Linear | nn.Embedding):
+            if isinstance(module, BitLinear | nn.Linear | nn.Embedding):  # every matrix
                 s = resid_std if name.endswith(("o_proj", "down_proj")) else std
                 w = module.weight
                 w.copy_(torch.randn(w.shape, generator=gen, dtype=torch.float32).mul_(s).to(w))

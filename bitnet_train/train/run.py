@@ -29,7 +29,7 @@ from bitnet_train.train.config import ModelSection, TrainConfig, to_train_config
 from bitnet_train.train.data_plan import build_batch_plan
 from bitnet_train.train.objectives.dpo import DPOObjective, make_reference
 from bitnet_train.train.objectives.language_model import LanguageModelObjective
-from bitnet_train.train.parallelize import maybe_compile
+from bitnet_train.train.parallelize import parallelize
 from bitnet_train.train.schedules import param_groups, stage_boundary_step
 from bitnet_train.train.trainer import PEAK_TFLOPS, StepResult, Trainer
 
@@ -97,7 +97,8 @@ def build_or_load_model(section: ModelSection, seed: int) -> BitNetForCausalLM:
 
 
 ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-               "num_attention_heads", "num_key_value_heads", "hidden_act", "tie_word_embeddings")
+               "num_attention_heads", "num_key_value_heads", "hidden_act", "tie_word_embeddings",
+               "quantization")
 
 
 def check_same_architecture(expected: BitNetConfig, found: BitNetConfig, source: str) -> None:
@@ -124,19 +125,22 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 def build_objective(cfg: TrainConfig, model: BitNetForCausalLM):
     o = cfg.objective
     if o.name in ("pretrain", "sft"):
-        return LanguageModelObjective(reduction=o.reduction, loss_impl=o.loss_impl)
+        return LanguageModelObjective(reduction=o.reduction, loss_impl=o.loss_impl,
+                                      liger_chunk_mem=o.liger_chunk_mem)
     return DPOObjective(beta=o.beta, loss_impl=o.loss_impl, reference=make_reference(model))
 
 
 def flops_per_token(config: BitNetConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 * non-embedding params + attention (12 * layers * hidden * L)
-    plus the lm_head (6 * vocab * hidden). Ternary GEMMs are counted as dense bf16 GEMMs, since
-    that is how training runs them."""
+    """Training FLOPs per token, the MFU convention (PaLM, torchtitan): 6 x (projection
+    parameters + lm_head) for the matrix products, plus causal attention, 6 x layers x hidden x
+    seq_len (QK^T and AV over the half of the (L, L) scores a causal mask keeps, times 3 for
+    forward and backward). Ternary products count as dense products; document masking, which
+    skips more, is not credited."""
     from bitnet_train.model.size import model_size
 
     size = model_size(config)
     dense = size.ternary_params + config.vocab_size * config.hidden_size
-    return 6.0 * dense + 12.0 * config.num_hidden_layers * config.hidden_size * seq_len
+    return 6.0 * dense + 6.0 * config.num_hidden_layers * config.hidden_size * seq_len
 
 
 def resolve_output_dir(cfg: TrainConfig) -> Path:
@@ -175,8 +179,18 @@ def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
     model.config.eos_token_id = model.config.eos_token_id or tokenizer.eos_token_id
     model.train()
     objective = build_objective(cfg, model)
-    maybe_compile(model, cfg.trainer.compile, accelerator.device)
+    applied = parallelize(model, accelerator.device, kernels=cfg.trainer.kernels,
+                          attention=cfg.trainer.attention, compile=cfg.trainer.compile)
+    log.info("fast paths: %s", applied)
+    reference = getattr(objective, "reference", None)
+    if reference is not None:  # the frozen DPO reference runs the same forward, as fast
+        parallelize(reference, accelerator.device, kernels=cfg.trainer.kernels,
+                    attention=cfg.trainer.attention, compile=cfg.trainer.compile)
     optimizer = build_optimizer(model, cfg)
+    if applied["kernels"] == "triton":
+        from bitnet_train.kernels.modules import watch_optimizer
+
+        watch_optimizer(optimizer, model)  # ternary codes: recomputed once per optimizer step
     model, optimizer = accelerator.prepare(model, optimizer)
     objective.setup(model, accelerator)
 

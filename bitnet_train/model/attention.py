@@ -1,0 +1,133 @@
+"""Attention backends: how a decoder computes softmax(q k^T / sqrt(d)) v under its mask.
+
+Two implementations of one contract, chosen at run time (the model holds one; the trainer's
+`apply_attention` picks it), equal to each other within rounding:
+
+- `SDPAAttention` (the reference, and the CPU path): a dense boolean mask (B, 1, L, L) built
+  from document ids and padding, `F.scaled_dot_product_attention`, KV heads repeated for GQA.
+  With a dense mask SDPA cannot use its flash kernel and never skips a masked block.
+- `FlexAttention` (CUDA): the same mask as a block-sparse `BlockMask` (128 x 128 tiles), so
+  packed documents and causality skip whole tiles, GQA without repeating K/V, one compiled
+  Triton kernel forward and backward.
+
+Mask semantics (both): query t sees key s iff s <= t, s is in t's document, and s is a real
+token (attention_mask = 1); every query also sees itself, so a row with no visible key (left
+padding) stays finite. Such rows carry no loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ATTENTION_BACKENDS = ("sdpa", "flex")
+
+
+class AttentionBackend(Protocol):
+    """build_mask once per forward, then __call__ in every layer."""
+
+    name: str
+
+    def build_mask(self, batch: int, seq: int, device: torch.device,
+                   attention_mask: Tensor | None, document_ids: Tensor | None) -> Any:
+        """A mask object for `__call__` (None: plain causal)."""
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Any) -> Tensor:
+        """q (B, H, L, D), k/v (B, KV, L, D) -> (B, H, L, D)."""
+
+
+def build_attention_mask(
+    batch: int,
+    seq: int,
+    device: torch.device,
+    attention_mask: Tensor | None = None,
+    document_ids: Tensor | None = None,
+) -> Tensor | None:
+    """Boolean SDPA mask (B, 1, L, L), True = may attend; None means plain causal.
+
+    attention_mask (B, L): 1 for real tokens, 0 for padding. document_ids (B, L): tokens attend
+    only to earlier tokens of the same document (packed sequences).
+    """
+    if attention_mask is None and document_ids is None:
+        return None
+    idx = torch.arange(seq, device=device)
+    mask = (idx[None, :] <= idx[:, None])[None]  # (1, L, L) causal
+    if document_ids is not None:
+        mask = mask & (document_ids[:, :, None] == document_ids[:, None, :])
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, :]
+    mask = mask | torch.eye(seq, dtype=torch.bool, device=device)[None]
+    return mask.expand(batch, seq, seq)[:, None]
+
+
+class SDPAAttention:
+    """The reference: dense mask, `scaled_dot_product_attention`, repeated KV heads."""
+
+    name = "sdpa"
+
+    def build_mask(self, batch, seq, device, attention_mask, document_ids):
+        return build_attention_mask(batch, seq, device, attention_mask, document_ids)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:  # enable_gqa is not supported by every SDPA backend
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+
+
+def document_causal_mask_mod(document_ids: Tensor | None, attention_mask: Tensor | None):
+    """FlexAttention mask_mod with the semantics of `build_attention_mask`."""
+    docs = document_ids
+    valid = attention_mask.bool() if attention_mask is not None else None
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = q_idx >= kv_idx
+        if docs is not None:
+            allowed = allowed & (docs[b, q_idx] == docs[b, kv_idx])
+        if valid is not None:
+            allowed = (allowed & valid[b, kv_idx]) | (q_idx == kv_idx)
+        return allowed
+
+    return mask_mod
+
+
+class FlexAttention:
+    """Block-sparse attention through `torch.nn.attention.flex_attention` (needs CUDA to be
+    fast; runs, slowly, on the CPU, which the equality tests use)."""
+
+    name = "flex"
+    _compiled: Any = None  # one compiled flex_attention per process, shared by every layer
+
+    def build_mask(self, batch, seq, device, attention_mask, document_ids):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        mask_mod = document_causal_mask_mod(document_ids, attention_mask)
+        batch_dim = batch if (document_ids is not None or attention_mask is not None) else None
+        # Compiled mask construction visits (B, L/128, L/128) tiles instead of B x L x L pairs;
+        # on the CPU the eager path is cheaper than compiling for test-sized inputs.
+        return create_block_mask(mask_mod, batch_dim, None, seq, seq, device=device,
+                                 _compile=device.type == "cuda")
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Any) -> Tensor:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        fn = flex_attention
+        if q.device.type == "cuda" and not torch.compiler.is_compiling():
+            # outside a compiled block, flex_attention must be compiled itself to be fast
+            if FlexAttention._compiled is None:
+                FlexAttention._compiled = torch.compile(flex_attention, dynamic=False)
+            fn = FlexAttention._compiled
+        return fn(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def make_attention(name: str) -> AttentionBackend:
+    """"sdpa" | "flex" -> a backend instance."""
+    if name == "sdpa":
+        return SDPAAttention()
+    if name == "flex":
+        return FlexAttention()
+    raise ValueError(f"attention backend {name!r}; choose one of {ATTENTION_BACKENDS}")
