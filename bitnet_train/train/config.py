@@ -72,12 +72,17 @@ class ObjectiveConfig:
     """DPO: compute reference log-probs in one pass before training, then free the reference."""
     loss_impl: str = "auto"
     """auto | liger | torch. auto: Liger's fused kernels on CUDA, PyTorch on CPU."""
+    liger_chunk_mem: int = 1
+    """Liger fused linear cross-entropy: transient logits per chunk <= liger_chunk_mem x tokens x
+    hidden elements (Liger's chunk_mem_const). Larger: fewer, larger chunks; faster, more memory."""
 
     def __post_init__(self) -> None:
         if self.name not in OBJECTIVES:
             raise ConfigError(f"objective.name={self.name!r}; choose one of {OBJECTIVES}")
         if self.reduction not in ("sum", "mean"):
             raise ConfigError(f"objective.reduction={self.reduction!r}; choose sum or mean")
+        if self.liger_chunk_mem < 1:
+            raise ConfigError(f"objective.liger_chunk_mem={self.liger_chunk_mem}: must be >= 1")
         if self.loss_impl not in ("auto", "liger", "torch"):
             raise ConfigError(f"objective.loss_impl={self.loss_impl!r}; choose auto, liger, torch")
 
@@ -113,6 +118,13 @@ class TrainerConfig:
     """Held-out evaluation every N steps (0: only at start and end, where supported)."""
     compile: bool = False
     """torch.compile each decoder block (CUDA)."""
+    kernels: str = "auto"
+    """auto | triton | reference. triton: decoder layers on the fused Triton kernels (RMSNorm +
+    int8 activation codes in one pass, int8 tensor-core products, ternary codes once per
+    optimizer step); reference: the plain model. auto: triton on CUDA, reference on the CPU."""
+    attention: str = "auto"
+    """auto | flex | sdpa. flex: FlexAttention with a block-sparse document-causal mask; sdpa:
+    scaled_dot_product_attention with a dense mask (the reference). auto: flex on CUDA."""
     peak_tflops: float = 0.0
     """Accelerator bf16 dense peak for the MFU estimate; 0: guess from the device name."""
     progress_bar: bool = True
@@ -128,6 +140,10 @@ class TrainerConfig:
             raise ConfigError(f"trainer.mixed_precision={self.mixed_precision!r}: auto|bf16|no")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"trainer.device={self.device!r}: auto|cpu|cuda")
+        if self.kernels not in ("auto", "triton", "reference"):
+            raise ConfigError(f"trainer.kernels={self.kernels!r}: auto|triton|reference")
+        if self.attention not in ("auto", "flex", "sdpa"):
+            raise ConfigError(f"trainer.attention={self.attention!r}: auto|flex|sdpa")
 
 
 @dataclass

@@ -26,9 +26,11 @@ def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
 class LanguageModelObjective:
     """Token cross-entropy; `count` = label tokens that carry loss (after the shift)."""
 
-    def __init__(self, reduction: str = "mean", loss_impl: str = "auto") -> None:
+    def __init__(self, reduction: str = "mean", loss_impl: str = "auto",
+                 liger_chunk_mem: int = 1) -> None:
         self.reduction = reduction
         self.loss_impl = loss_impl
+        self.liger_chunk_mem = liger_chunk_mem
 
     def setup(self, model: nn.Module, accelerator) -> None:
         return None
@@ -37,7 +39,8 @@ class LanguageModelObjective:
         return int((batch["labels"][:, 1:] != -100).sum())
 
     def micro_step(self, model: nn.Module, batch: dict[str, Tensor]) -> MicroStep:
-        head = causal_lm_head_fn(batch["labels"], reduction="sum", impl=self.loss_impl)
+        head = causal_lm_head_fn(batch["labels"], reduction="sum", impl=self.loss_impl,
+                                 liger_chunk_mem=self.liger_chunk_mem)
         loss_sum, _ = model(**model_inputs(batch), head_fn=head)
         return MicroStep(loss_sum=loss_sum, metric_sums={"loss": loss_sum.detach().float()})
 

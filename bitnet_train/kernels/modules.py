@@ -1,0 +1,135 @@
+"""The decoder layer on fused kernels, swapped in by `apply_kernels` (Liger's module layer).
+
+`FusedBitNetDecoderLayer` is the reference `BitNetDecoderLayer` with the same parameters and
+names (the swap changes the instance's class, nothing else): each RMSNorm and the projections
+that read it run as one `norm_ternary_linear` (input_layernorm -> q|k|v, attn_sub_norm -> o,
+post_attention_layernorm -> gate|up, ffn_sub_norm -> down); RoPE, the attention backend, the
+activation and the residual adds are the reference's own code. Tests hold it equal to the
+reference, loss and every gradient.
+
+Ternary codes are computed once per optimizer step, not per micro-batch and call: the layer
+keeps them in non-persistent buffers (int8 codes and a per-row scale for each stacked group),
+and a forward pre-hook on the model recomputes the stale ones before the next forward. A group
+is stale when the optimizer stepped (`watch_optimizer` registers a step hook: fused AdamW updates
+parameters without bumping their version counters) or when one of its weights changed in place
+otherwise (`Tensor._version`: `copy_`, `load_state_dict`). `refresh_ternary_codes(model,
+force=True)` recomputes everything, for writes that bypass both (through `.data`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bitnet_train.kernels.reference import ternary_codes_ref
+from bitnet_train.kernels.ternary_linear import norm_ternary_linear
+from bitnet_train.model.attention import AttentionBackend
+from bitnet_train.model.modeling import BitNetDecoderLayer, BitNetForCausalLM
+
+log = logging.getLogger(__name__)
+
+GROUPS = {
+    # group: (norm, projections reading it), paths relative to the decoder layer
+    "qkv": ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    "o": ("self_attn.attn_sub_norm", ("self_attn.o_proj",)),
+    "gate_up": ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    "down": ("mlp.ffn_sub_norm", ("mlp.down_proj",)),
+}
+
+
+class FusedBitNetDecoderLayer(BitNetDecoderLayer):
+    """A BitNetDecoderLayer whose norm + BitLinear pairs run on the fused kernels."""
+
+    def _weights(self, group: str) -> list[Tensor]:
+        return [self.get_submodule(p).weight for p in GROUPS[group][1]]
+
+    def _project(self, group: str, x: Tensor) -> Tensor:
+        norm = self.get_submodule(GROUPS[group][0])
+        weights = self._weights(group)
+        # stacked master weight: its gradient is split back to each projection by autograd
+        master = weights[0] if len(weights) == 1 else torch.cat(weights)
+        return norm_ternary_linear(x, norm.weight, master, getattr(self, f"{group}_codes"),
+                                   getattr(self, f"{group}_scale"), norm.eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Any,
+                backend: AttentionBackend) -> Tensor:
+        attn, mlp = self.self_attn, self.mlp
+        q_dim, kv_dim = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
+        q, k, v = self._project("qkv", x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        x = x + self._project("o", attn.attend(q, k, v, cos, sin, mask, backend))
+        gate, up = self._project("gate_up", x).chunk(2, dim=-1)
+        return x + self._project("down", mlp.act(gate) * up)
+
+    @torch.no_grad()
+    def refresh_codes(self, force: bool = False) -> int:
+        """Recompute the codes of every group whose weights changed; returns how many."""
+        refreshed = 0
+        for group in GROUPS:
+            weights = self._weights(group)
+            key = tuple((w._version, w.data_ptr()) for w in weights)
+            if not force and self._code_keys.get(group) == key:
+                continue
+            codes, scale = ternary_codes_ref(weights)
+            getattr(self, f"{group}_codes").copy_(codes)
+            getattr(self, f"{group}_scale").copy_(scale)
+            self._code_keys[group] = key
+            refreshed += 1
+        return refreshed
+
+
+def _to_fused(layer: BitNetDecoderLayer) -> FusedBitNetDecoderLayer:
+    layer.__class__ = FusedBitNetDecoderLayer
+    fused: FusedBitNetDecoderLayer = layer  # type: ignore[assignment]
+    for group in GROUPS:
+        weights = fused._weights(group)
+        rows, k = sum(w.shape[0] for w in weights), weights[0].shape[1]
+        dev = weights[0].device
+        fused.register_buffer(f"{group}_codes", torch.zeros(rows, k, dtype=torch.int8,
+                                                             device=dev), persistent=False)
+        fused.register_buffer(f"{group}_scale", torch.zeros(rows, dtype=torch.float32,
+                                                            device=dev), persistent=False)
+    fused._code_keys = {}
+    return fused
+
+
+def refresh_ternary_codes(model: nn.Module, force: bool = False) -> int:
+    """Bring every fused layer's codes up to date with its master weights; returns the number of
+    groups recomputed (0 between optimizer steps)."""
+    return sum(m.refresh_codes(force) for m in model.modules()
+               if isinstance(m, FusedBitNetDecoderLayer))
+
+
+def mark_ternary_codes_stale(model: nn.Module) -> None:
+    """Make the next forward recompute every fused layer's codes."""
+    for m in model.modules():
+        if isinstance(m, FusedBitNetDecoderLayer):
+            m._code_keys.clear()
+
+
+def watch_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """After every `optimizer.step()`, mark `model`'s ternary codes stale (a no-op for models
+    without fused layers)."""
+    optimizer.register_step_post_hook(lambda *_: mark_ternary_codes_stale(model))
+
+
+def _refresh_hook(module: nn.Module, args: Any) -> None:
+    refresh_ternary_codes(module)
+
+
+def apply_kernels(model: BitNetForCausalLM) -> bool:
+    """Swap every decoder layer of a ternary model to the fused kernels, in place; returns
+    whether anything changed (a `quantization: none` model has nothing to fuse)."""
+    if model.config.quantization != "ternary":
+        log.info("model.quantization=%s: no ternary projections to fuse", model.config.quantization)
+        return False
+    for layer in model.model.layers:
+        if not isinstance(layer, FusedBitNetDecoderLayer):
+            _to_fused(layer)
+    if not getattr(model, "_ternary_refresh_hook", None):
+        # the codes are computed at the first forward, on whatever device the model is by then
+        model._ternary_refresh_hook = model.register_forward_pre_hook(_refresh_hook)
+    log.info("fused Triton kernels in %d decoder layers", len(model.model.layers))
+    return True
