@@ -26,8 +26,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bitnet_train.kernels.int8_matmul import int8_matmul  # noqa: E402
-from bitnet_train.kernels.reference import ternary_codes_ref  # noqa: E402
 from bitnet_train.kernels.norm_quant import rmsnorm_quant  # noqa: E402
+from bitnet_train.kernels.reference import ternary_codes_ref  # noqa: E402
 from bitnet_train.kernels.ternary_linear import norm_ternary_linear  # noqa: E402
 from bitnet_train.model.bitlinear import BitLinear  # noqa: E402
 from bitnet_train.model.modeling import RMSNorm  # noqa: E402
@@ -67,6 +67,65 @@ class Unit(nn.Module):
         return torch.cat([p(h) for p in self.projs], dim=-1)
 
 
+def bench_group(group: str, k: int, ns: list[int], m: int, args) -> dict:
+    """Every timing of one group of projections (see the module docstring)."""
+    dev = "cuda"
+    n = sum(ns)
+    flops = 2 * m * n * k
+    x = torch.randn(m, k, device=dev, requires_grad=True)  # the fp32 residual stream
+    g = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+    row = dict(group=group, M=m, K=k, N=n)
+    # forward products alone
+    a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+    q = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=dev)
+    codes = torch.randint(-1, 2, (n, k), dtype=torch.int8, device=dev)
+    s_x = torch.rand(m, device=dev) + 1
+    cs = torch.rand(n, device=dev)
+    row["gemm_bf16_ms"] = bench(lambda: a @ w.T)
+    row["gemm_int8_triton_ms"] = bench(lambda: int8_matmul(q, s_x, codes, cs))
+    row["gemm_int8_torch_ms"] = bench(lambda: int8_matmul(q, s_x, codes, cs, impl="torch"))
+    row["gemm_bf16_tflops"] = flops / row["gemm_bf16_ms"] / 1e9
+    row["gemm_int8_triton_tops"] = flops / row["gemm_int8_triton_ms"] / 1e9
+    row["gemm_int8_torch_tops"] = flops / row["gemm_int8_torch_ms"] / 1e9
+    ones = torch.ones(k, device=dev)
+    row["norm_quant_ms"] = bench(lambda: rmsnorm_quant(x.detach(), ones, 1e-5))
+    row["norm_quant_gbps"] = (m * k * (4 + 1) + 8 * m) / row["norm_quant_ms"] / 1e6
+    # units, forward + backward
+    for name, linear, compiled in [("linear_bf16", nn.Linear, True),
+                                   ("ref_eager", BitLinear, False),
+                                   ("ref_compiled", BitLinear, True)]:
+        unit = Unit(k, ns, linear).to(dev)
+        fwd = torch.compile(unit) if compiled else unit
+
+        def step(fwd=fwd):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = fwd(x)
+            y.backward(g)
+
+        row[f"{name}_ms"] = bench(step)
+    unit = Unit(k, ns, BitLinear).to(dev)
+    weights = [pr.weight for pr in unit.projs]
+    codes_c, scale_c = ternary_codes_ref(weights)
+
+    def fused_step():
+        y = norm_ternary_linear(x, unit.norm.weight, weights, codes_c, scale_c, 1e-5)
+        y.backward(g)
+
+    row["fused_ms"] = bench(fused_step)
+    bytes_moved = m * k * (4 + 4) + m * n * 2 * 2 + n * k * 4 * 3  # x, dx, y, dy, W/dW
+    row["floor_bf16_ms"] = 1e3 * max(3 * flops / (args.peak_tflops * 1e12),
+                                     bytes_moved / (args.hbm_tbps * 1e12))
+    row["floor_fused_ms"] = 1e3 * max(flops / (args.int8_peak_tops * 1e12)
+                                      + 2 * flops / (args.peak_tflops * 1e12),
+                                      bytes_moved / (args.hbm_tbps * 1e12))
+    for key in ("linear_bf16", "ref_eager", "ref_compiled", "fused"):
+        row[f"{key}_vs_linear"] = row[f"{key}_ms"] / row["linear_bf16_ms"]
+    row["fused_vs_floor"] = row["fused_ms"] / row["floor_fused_ms"]
+    row["linear_vs_floor"] = row["linear_bf16_ms"] / row["floor_bf16_ms"]
+    return {k_: round(v, 4) if isinstance(v, float) else v for k_, v in row.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=16384)
@@ -74,65 +133,10 @@ def main() -> None:
     p.add_argument("--int8-peak-tops", type=float, default=1979.0, help="int8 dense peak")
     p.add_argument("--hbm-tbps", type=float, default=4.8, help="H200 HBM3e bandwidth")
     args = p.parse_args()
-    dev = "cuda"
     m = args.tokens
     rows = []
     for group, (k, ns) in GROUPS.items():
-        n = sum(ns)
-        flops = 2 * m * n * k
-        x = torch.randn(m, k, device=dev, requires_grad=True)  # the fp32 residual stream
-        g = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
-        row = dict(group=group, M=m, K=k, N=n)
-        # forward products alone
-        a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
-        q = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=dev)
-        codes = torch.randint(-1, 2, (n, k), dtype=torch.int8, device=dev)
-        s_x = torch.rand(m, device=dev) + 1
-        cs = torch.rand(n, device=dev)
-        row["gemm_bf16_ms"] = bench(lambda: a @ w.T)
-        row["gemm_int8_triton_ms"] = bench(lambda: int8_matmul(q, s_x, codes, cs))
-        row["gemm_int8_torch_ms"] = bench(lambda: int8_matmul(q, s_x, codes, cs, impl="torch"))
-        row["gemm_bf16_tflops"] = flops / row["gemm_bf16_ms"] / 1e9
-        row["gemm_int8_triton_tops"] = flops / row["gemm_int8_triton_ms"] / 1e9
-        row["gemm_int8_torch_tops"] = flops / row["gemm_int8_torch_ms"] / 1e9
-        row["norm_quant_ms"] = bench(lambda: rmsnorm_quant(x.detach(), torch.ones(k, device=dev),
-                                                           1e-5))
-        row["norm_quant_gbps"] = (m * k * (4 + 1) + 8 * m) / row["norm_quant_ms"] / 1e6
-        # units, forward + backward
-        for name, linear, compiled in [("linear_bf16", nn.Linear, True),
-                                       ("ref_eager", BitLinear, False),
-                                       ("ref_compiled", BitLinear, True)]:
-            unit = Unit(k, ns, linear).to(dev)
-            fwd = torch.compile(unit) if compiled else unit
-
-            def step(fwd=fwd):
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    y = fwd(x)
-                y.backward(g)
-
-            row[f"{name}_ms"] = bench(step)
-        unit = Unit(k, ns, BitLinear).to(dev)
-        weights = [pr.weight for pr in unit.projs]
-        codes_c, scale_c = ternary_codes_ref(weights)
-
-        def fused_step():
-            master = torch.cat(weights) if len(weights) > 1 else weights[0]
-            y = norm_ternary_linear(x, unit.norm.weight, master, codes_c, scale_c, 1e-5)
-            y.backward(g)
-
-        row["fused_ms"] = bench(fused_step)
-        bytes_moved = m * k * (4 + 4) + m * n * 2 * 2 + n * k * 4 * 3  # x, dx, y, dy, W/dW
-        row["floor_bf16_ms"] = 1e3 * max(3 * flops / (args.peak_tflops * 1e12),
-                                         bytes_moved / (args.hbm_tbps * 1e12))
-        row["floor_fused_ms"] = 1e3 * max(flops / (args.int8_peak_tops * 1e12)
-                                          + 2 * flops / (args.peak_tflops * 1e12),
-                                          bytes_moved / (args.hbm_tbps * 1e12))
-        for key in ("linear_bf16", "ref_eager", "ref_compiled", "fused"):
-            row[f"{key}_vs_linear"] = row[f"{key}_ms"] / row["linear_bf16_ms"]
-        row["fused_vs_floor"] = row["fused_ms"] / row["floor_fused_ms"]
-        row["linear_vs_floor"] = row["linear_bf16_ms"] / row["floor_bf16_ms"]
-        rows.append({k_: round(v, 4) if isinstance(v, float) else v for k_, v in row.items()})
+        rows.append(bench_group(group, k, ns, m, args))
         print(json.dumps(rows[-1]), flush=True)
     print(f"\nM={m} tokens; fwd+bwd ms (x nn.Linear bf16) | forward product alone")
     print(f"{'group':8s} {'floor':>6s} {'bf16':>6s} {'ref':>13s} {'ref comp':>13s} "

@@ -171,6 +171,16 @@ def run_variant(name: str, args) -> dict:
         trainer.step += 1
         if step >= args.warmup:
             times.append(start.elapsed_time(end) / 1e3)
+    profile = None
+    if args.profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            trainer.train_step()
+            torch.cuda.synchronize()
+        profile = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile)
+        print(profile, file=sys.stderr, flush=True)
     median = sorted(times)[len(times) // 2]
     tokens = args.micro_batch * args.seq * args.grad_accum
     tps = tokens / median
@@ -180,7 +190,7 @@ def run_variant(name: str, args) -> dict:
                 mfu=tps * fpt / (args.peak_tflops * 1e12),
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                 loss=result.metrics["loss"], device=torch.cuda.get_device_name(),
-                torch=torch.__version__)
+                torch=torch.__version__, profile=profile)
 
 
 def main() -> None:
@@ -193,6 +203,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--variants", default="a,b,c,d")
     p.add_argument("--liger-chunk-mem", type=int, default=1)
+    p.add_argument("--profile", type=int, default=0,
+                   help="print the N costliest CUDA kernels of one more step per variant")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="bf16 dense peak per GPU used for MFU (H100/H200 SXM datasheet)")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # child process
@@ -206,7 +218,7 @@ def main() -> None:
     for name in args.variants.split(","):
         cmd = [sys.executable, __file__, "--variant", name]
         for key in ("layers", "seq", "micro_batch", "grad_accum", "steps", "warmup",
-                    "liger_chunk_mem", "peak_tflops"):
+                    "liger_chunk_mem", "peak_tflops", "profile"):
             cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -216,6 +228,8 @@ def main() -> None:
             continue
         rows.append(json.loads(lines[-1][7:]))
         r = rows[-1]
+        if r.get("profile"):
+            print(f"[{name}] profile of one step:\n{r['profile']}", flush=True)
         print(f"[{name}] {r['desc']}: {r['tokens_per_s']:,.0f} tokens/s, MFU {100 * r['mfu']:.1f}%"
               f", peak {r['peak_gib']:.1f} GiB, step {1e3 * r['step_s']:.1f} ms, "
               f"loss {r['loss']:.3f}", flush=True)

@@ -42,16 +42,19 @@ def _configs() -> list[triton.Config]:
 
 
 @triton.autotune(configs=_configs(), key=["M", "N", "K"])
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BK"] == 0})
 @triton.jit
 def _int8_matmul_kernel(
     A, B, C, SX, CS,
-    M, N, K,
+    M, N,
     stride_am, stride_bn, stride_cm,
-    OUT_BF16: tl.constexpr,
+    K: tl.constexpr, OUT_BF16: tl.constexpr, EVEN_K: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C (M, N) = (A (M, K) int8 @ B (N, K)^T int8, int32 accumulate) * CS[n] / SX[m].
-    A and B are K-contiguous (the layout int8 tensor cores take for both operands)."""
+    A and B are K-contiguous (the layout int8 tensor cores take for both operands). K is a
+    compile-time constant (a model has two: hidden and FFN width), so the loop bound is static
+    and, when BK divides K, the loads carry no K mask."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BM)
     num_pid_n = tl.cdiv(N, BN)
@@ -73,10 +76,13 @@ def _int8_matmul_kernel(
     b_ptrs = B + rnb[None, :].to(tl.int64) * stride_bn + rk[:, None]
     acc = tl.zeros((BM, BN), dtype=tl.int32)
     for k in range(0, tl.cdiv(K, BK)):
-        k_left = K - k * BK
-        a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0)
-        b = tl.load(b_ptrs, mask=rk[:, None] < k_left, other=0)
-        acc = tl.dot(a, b, acc)
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=rk[None, :] < K - k * BK, other=0)
+            b = tl.load(b_ptrs, mask=rk[:, None] < K - k * BK, other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BK
         b_ptrs += BK
     inv_sx = 1.0 / tl.load(SX + rm, mask=rm < M, other=1.0)
@@ -127,9 +133,9 @@ def int8_matmul(q: Tensor, s_x: Tensor, codes: Tensor, col_scale: Tensor,
     def grid(meta):
         return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
 
-    _int8_matmul_kernel[grid](q, codes, out, s_x, col_scale, m, n, k,
+    _int8_matmul_kernel[grid](q, codes, out, s_x, col_scale, m, n,
                               q.stride(0), codes.stride(0), out.stride(0),
-                              OUT_BF16=out_dtype == torch.bfloat16)
+                              K=k, OUT_BF16=out_dtype == torch.bfloat16)
     return out
 
 

@@ -19,6 +19,7 @@ force=True)` recomputes everything, for writes that bypass both (through `.data`
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from bitnet_train.kernels.reference import ternary_codes_ref
 from bitnet_train.kernels.ternary_linear import norm_ternary_linear
+from bitnet_train.kernels.weight_quant import ternary_codes_into
 from bitnet_train.model.attention import AttentionBackend
 from bitnet_train.model.modeling import BitNetDecoderLayer, BitNetForCausalLM
 
@@ -48,10 +50,8 @@ class FusedBitNetDecoderLayer(BitNetDecoderLayer):
 
     def _project(self, group: str, x: Tensor) -> Tensor:
         norm = self.get_submodule(GROUPS[group][0])
-        weights = self._weights(group)
-        # stacked master weight: its gradient is split back to each projection by autograd
-        master = weights[0] if len(weights) == 1 else torch.cat(weights)
-        return norm_ternary_linear(x, norm.weight, master, getattr(self, f"{group}_codes"),
+        return norm_ternary_linear(x, norm.weight, self._weights(group),
+                                   getattr(self, f"{group}_codes"),
                                    getattr(self, f"{group}_scale"), norm.eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Any,
@@ -72,9 +72,13 @@ class FusedBitNetDecoderLayer(BitNetDecoderLayer):
             key = tuple((w._version, w.data_ptr()) for w in weights)
             if not force and self._code_keys.get(group) == key:
                 continue
-            codes, scale = ternary_codes_ref(weights)
-            getattr(self, f"{group}_codes").copy_(codes)
-            getattr(self, f"{group}_scale").copy_(scale)
+            codes, scale = getattr(self, f"{group}_codes"), getattr(self, f"{group}_scale")
+            if codes.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+                ternary_codes_into(weights, codes, scale)
+            else:  # a model on the CPU without the interpreter runs the reference layers anyway
+                ref_codes, ref_scale = ternary_codes_ref(weights)
+                codes.copy_(ref_codes)
+                scale.copy_(ref_scale)
             self._code_keys[group] = key
             refreshed += 1
         return refreshed

@@ -22,10 +22,12 @@ from bitnet_train.kernels.rounding import round_half_even, round_to_bf16
 def _rmsnorm_quant_fwd_kernel(
     X, W, Q, SX, RSTD,
     stride_x, stride_q, K, eps,
-    ROUND_NORMED: tl.constexpr, BLOCK_K: tl.constexpr,
+    ROUND_NORMED: tl.constexpr, DEQUANT: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One row: rstd = rsqrt(mean(x^2) + eps); y = w * n (n = x * rstd, rounded to x's dtype if
-    ROUND_NORMED); s = 127 / max(max|y|, 1e-5); q = clamp(round_half_even(y * s), -128, 127)."""
+    ROUND_NORMED); s = 127 / max(max|y|, 1e-5); q = clamp(round_half_even(y * s), -128, 127).
+    DEQUANT: write q / s in Q's dtype (bf16) instead of q, s and rstd: the backward recomputes
+    the quantized activation from x rather than keeping the codes alive between the passes."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
     mask = cols < K
@@ -39,26 +41,30 @@ def _rmsnorm_quant_fwd_kernel(
     s = tl.math.div_rn(127.0, tl.maximum(tl.max(tl.abs(y), axis=0), 1e-5))
     q = round_half_even(y * s)
     q = tl.minimum(tl.maximum(q, -128.0), 127.0)
-    tl.store(Q + row * stride_q + cols, q.to(tl.int8), mask=mask)
-    tl.store(SX + row, s)
-    tl.store(RSTD + row, rstd)
+    if DEQUANT:
+        tl.store(Q + row * stride_q + cols, round_to_bf16(tl.math.div_rn(q, s)).to(tl.bfloat16),
+                 mask=mask)
+    else:
+        tl.store(Q + row * stride_q + cols, q.to(tl.int8), mask=mask)
+        tl.store(SX + row, s)
+        tl.store(RSTD + row, rstd)
 
 
 @triton.jit
 def _rmsnorm_bwd_kernel(
     X, W, RSTD, DY, DX, DW_PART,
-    stride_x, stride_dy, stride_dx, M, K, rows_per_program,
-    ROUND_NORMED: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_x, stride_dy, stride_dx, M, K,
+    ROWS: tl.constexpr, ROUND_NORMED: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Rows [pid * rows_per_program, ...): dx = rstd * (g - n * mean(g * n)), g = dy * w;
+    """Rows [pid * ROWS, (pid + 1) * ROWS): dx = rstd * (g - n * mean(g * n)), g = dy * w;
     the program's share of dw = sum dy * n goes to DW_PART[pid] (summed by the launcher)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_K)
     mask = cols < K
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    row_start = pid.to(tl.int64) * rows_per_program
-    for i in range(0, rows_per_program):
+    row_start = pid.to(tl.int64) * ROWS
+    for i in range(0, ROWS):
         r = row_start + i
         # the last program's range may run past M: those rows are masked and contribute 0
         live = mask & ((r + cols * 0) < M)
@@ -98,9 +104,28 @@ def rmsnorm_quant(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor
     block = triton.next_power_of_2(k)
     _rmsnorm_quant_fwd_kernel[(m,)](
         x, weight, q, s_x, rstd, x.stride(0), q.stride(0), k, eps,
-        ROUND_NORMED=x.dtype != torch.float32, BLOCK_K=block, num_warps=_row_warps(block),
+        ROUND_NORMED=x.dtype != torch.float32, DEQUANT=False, BLOCK_K=block,
+        num_warps=_row_warps(block),
     )
     return q, s_x, rstd
+
+
+def rmsnorm_quant_dequantized(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x (M, K), weight (K,) -> (M, K) bf16 q / s_x: the quantized activation the reference
+    BitLinear multiplies by, recomputed from x by the same kernel as `rmsnorm_quant` (so equal
+    to `dequantize_rows(*rmsnorm_quant(x, weight, eps)[:2])`)."""
+    m, k = x.shape
+    _check_dtype(x)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty((m, k), dtype=torch.bfloat16, device=x.device)
+    block = triton.next_power_of_2(k)
+    _rmsnorm_quant_fwd_kernel[(m,)](
+        x, weight, out, out, out, x.stride(0), out.stride(0), k, eps,
+        ROUND_NORMED=x.dtype != torch.float32, DEQUANT=True, BLOCK_K=block,
+        num_warps=_row_warps(block),
+    )
+    return out
 
 
 def rmsnorm_backward(x: Tensor, weight: Tensor, rstd: Tensor, grad_y: Tensor
@@ -122,7 +147,8 @@ def rmsnorm_backward(x: Tensor, weight: Tensor, rstd: Tensor, grad_y: Tensor
     block = triton.next_power_of_2(k)
     _rmsnorm_bwd_kernel[(programs,)](
         x, weight, rstd, grad_y, grad_x, dw_part,
-        x.stride(0), grad_y.stride(0), grad_x.stride(0), m, k, rows,
-        ROUND_NORMED=x.dtype != torch.float32, BLOCK_K=block, num_warps=_row_warps(block),
+        x.stride(0), grad_y.stride(0), grad_x.stride(0), m, k,
+        ROWS=rows, ROUND_NORMED=x.dtype != torch.float32, BLOCK_K=block,
+        num_warps=_row_warps(block),
     )
     return grad_x, dw_part.sum(0)

@@ -20,7 +20,11 @@ from bitnet_train.kernels.modules import (
     refresh_ternary_codes,
     watch_optimizer,
 )
-from bitnet_train.kernels.norm_quant import rmsnorm_backward, rmsnorm_quant
+from bitnet_train.kernels.norm_quant import (
+    rmsnorm_backward,
+    rmsnorm_quant,
+    rmsnorm_quant_dequantized,
+)
 from bitnet_train.kernels.reference import (
     dequantize_rows_ref,
     int8_matmul_ref,
@@ -112,6 +116,30 @@ def test_int8_matmul_matches_exact_product(mnk, out):
     assert ((y.double() - ref).abs() <= bound * ref.abs() + 1e-12).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_backward_recompute_equals_forward_codes(shape, dtype):
+    """The backward's recomputed activation is exactly the forward's codes over their scale."""
+    x, w = _inputs(*shape, DTYPES[dtype], seed=9)
+    q, s_x, _ = rmsnorm_quant(x, w, 1e-5)
+    assert torch.equal(rmsnorm_quant_dequantized(x, w, 1e-5), dequantize_rows_ref(q, s_x))
+
+
+@pytest.mark.parametrize("n_rows", [[64], [40, 8, 8], [129, 7]])
+def test_weight_codes_kernel_matches_reference(n_rows):
+    from bitnet_train.kernels.weight_quant import ternary_codes_into
+
+    g = _gen(10)
+    weights = [torch.randn(n, 70, device=DEVICE, generator=g) * (0.01 * (i + 1))
+               for i, n in enumerate(n_rows)]
+    weights[0][0, :5] = 0.0
+    codes = torch.full((sum(n_rows), 70), 7, dtype=torch.int8, device=DEVICE)  # poisoned
+    scale = torch.full((sum(n_rows),), float("nan"), device=DEVICE)
+    ternary_codes_into(weights, codes, scale)
+    ref_codes, ref_scale = ternary_codes_ref(weights)
+    assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
+
+
 @pytest.mark.parametrize("k", [64, 123, 5000])
 def test_dequantize_rows_matches_reference(k):
     g = _gen(6)
@@ -154,7 +182,7 @@ def test_norm_ternary_linear_matches_model_modules(x_dtype):
     nw = norm_w.clone().requires_grad_()
     ws = [w.clone().requires_grad_() for w in weights]
     codes, scale = ternary_codes_ref(ws)
-    y = norm_ternary_linear(x, nw, torch.cat(ws), codes, scale, 1e-5)
+    y = norm_ternary_linear(x, nw, ws, codes, scale, 1e-5)
     (y.float() * g).sum().backward()
 
     assert y.dtype == torch.bfloat16 and y.shape == y_ref.shape
@@ -174,7 +202,7 @@ def test_custom_op_registration_passes_opcheck():
     weight = torch.randn(40, 64, device=DEVICE) * 0.02
     codes, scale = ternary_codes_ref([weight])
     torch.library.opcheck(_norm_ternary_linear,
-                          (x.requires_grad_(), w.requires_grad_(), weight.requires_grad_(),
+                          (x.requires_grad_(), w.requires_grad_(), [weight.requires_grad_()],
                            codes, scale, 1e-5),
                           test_utils=("test_schema", "test_autograd_registration",
                                       "test_faketensor"))
