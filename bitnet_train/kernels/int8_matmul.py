@@ -32,11 +32,13 @@ def _configs() -> list[triton.Config]:
         return [triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 4}, num_warps=4)]
     cfg = []
     # Hopper (sm_90): 128 x 256 x 128 tiles over 3 stages use 144 KiB of shared memory.
-    for bm, bn, bk, stages, warps in [
-        (128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 4),
-        (128, 128, 128, 4, 8), (128, 256, 64, 4, 8), (64, 128, 128, 4, 4),
+    for bm, bn, bk, stages, warps, group in [
+        (128, 256, 128, 3, 8, 8), (256, 128, 128, 3, 8, 8), (128, 128, 128, 4, 4, 8),
+        (128, 128, 128, 4, 8, 8), (128, 256, 64, 4, 8, 8), (64, 128, 128, 4, 4, 8),
+        (128, 256, 128, 4, 8, 16), (256, 128, 128, 4, 8, 16), (128, 128, 256, 3, 8, 8),
+        (256, 256, 64, 3, 8, 8), (128, 256, 128, 3, 4, 8),
     ]:
-        cfg.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8},
+        cfg.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group},
                                  num_stages=stages, num_warps=warps))
     return cfg
 

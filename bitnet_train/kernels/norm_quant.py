@@ -10,6 +10,8 @@ clamp / dequantize chain over fp32 copies. References: `kernels.reference.rmsnor
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -17,7 +19,18 @@ from torch import Tensor
 
 from bitnet_train.kernels.rounding import round_half_even, round_to_bf16
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+
+def _warp_configs() -> list[triton.Config]:
+    """Row kernels: one row per program; the warps that best hide a row's two reductions depend
+    on the row length, so they are tuned per K (written outputs only: safe to re-run)."""
+    if _INTERPRET:
+        return [triton.Config({}, num_warps=4)]
+    return [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
+
+
+@triton.autotune(configs=_warp_configs(), key=["K", "ROUND_NORMED", "DEQUANT"])
 @triton.jit
 def _rmsnorm_quant_fwd_kernel(
     X, W, Q, SX, RSTD,
@@ -50,6 +63,7 @@ def _rmsnorm_quant_fwd_kernel(
         tl.store(RSTD + row, rstd)
 
 
+@triton.autotune(configs=_warp_configs(), key=["K", "ROWS", "ROUND_NORMED"])
 @triton.jit
 def _rmsnorm_bwd_kernel(
     X, W, RSTD, DY, DX, DW_PART,
@@ -87,10 +101,6 @@ def _check_dtype(x: Tensor) -> None:
         raise TypeError(f"fused RMSNorm kernels take fp32 or bf16 activations, got {x.dtype}")
 
 
-def _row_warps(block_k: int) -> int:
-    return 4 if block_k <= 2048 else 8 if block_k <= 8192 else 16
-
-
 def rmsnorm_quant(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """x (M, K) fp32/bf16 (last dim contiguous), weight (K,) -> q (M, K) int8, s_x (M,) fp32,
     rstd (M,) fp32. See `rmsnorm_quant_ref`."""
@@ -105,7 +115,6 @@ def rmsnorm_quant(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor
     _rmsnorm_quant_fwd_kernel[(m,)](
         x, weight, q, s_x, rstd, x.stride(0), q.stride(0), k, eps,
         ROUND_NORMED=x.dtype != torch.float32, DEQUANT=False, BLOCK_K=block,
-        num_warps=_row_warps(block),
     )
     return q, s_x, rstd
 
@@ -123,7 +132,6 @@ def rmsnorm_quant_dequantized(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     _rmsnorm_quant_fwd_kernel[(m,)](
         x, weight, out, out, out, x.stride(0), out.stride(0), k, eps,
         ROUND_NORMED=x.dtype != torch.float32, DEQUANT=True, BLOCK_K=block,
-        num_warps=_row_warps(block),
     )
     return out
 
@@ -149,6 +157,5 @@ def rmsnorm_backward(x: Tensor, weight: Tensor, rstd: Tensor, grad_y: Tensor
         x, weight, rstd, grad_y, grad_x, dw_part,
         x.stride(0), grad_y.stride(0), grad_x.stride(0), m, k,
         ROWS=rows, ROUND_NORMED=x.dtype != torch.float32, BLOCK_K=block,
-        num_warps=_row_warps(block),
     )
     return grad_x, dw_part.sum(0)

@@ -32,6 +32,7 @@ from bitnet_train.kernels.norm_quant import (
     rmsnorm_quant,
     rmsnorm_quant_dequantized,
 )
+from bitnet_train.kernels.weight_quant import dequantize_codes
 
 OUT_DTYPE = torch.bfloat16
 """The product's dtype: what the reference BitLinear returns under bf16 autocast."""
@@ -59,7 +60,7 @@ def _norm_ternary_linear_backward(
     """-> grad_x (M, K) in x's dtype, grad_norm_weight (K,), one (rows[i], K) grad per weight."""
     grad_y = grad_y.to(OUT_DTYPE).contiguous()
     # codes * a in bf16 is exactly the reference's bf16 cast of T * a (T is -1, 0 or 1)
-    w_deq = codes.to(OUT_DTYPE) * col_scale.to(OUT_DTYPE)[:, None]  # (N, K)
+    w_deq = dequantize_codes(codes, col_scale)  # (N, K) bf16
     grad_xn = grad_y @ w_deq  # (M, K)
     x_deq = rmsnorm_quant_dequantized(x, norm_weight, eps)  # (M, K) bf16, recomputed
     grad_w = grad_y.t() @ x_deq  # (N, K) bf16

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from bitnet_train.kernels.rounding import round_half_even
+from bitnet_train.kernels.rounding import round_half_even, round_to_bf16
 from bitnet_train.model.bitlinear import WEIGHT_EPS
 
 
@@ -47,3 +47,25 @@ def ternary_codes_into(weights: list[Tensor], codes: Tensor, col_scale: Tensor) 
                                                                  BLOCK=block)
         col_scale[row:row + n] = a
         row += n
+
+
+@triton.jit
+def _dequantize_codes_kernel(CODES, SCALE, OUT, K, BLOCK_K: tl.constexpr):
+    """OUT[n, :] = CODES[n, :] * bf16(SCALE[n]) in bf16 (exact: codes are -1, 0 or 1)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = cols < K
+    c = tl.load(CODES + row * K + cols, mask=mask, other=0).to(tl.float32)
+    a = round_to_bf16(tl.load(SCALE + row))
+    tl.store(OUT + row * K + cols, (c * a).to(tl.bfloat16), mask=mask)
+
+
+def dequantize_codes(codes: Tensor, col_scale: Tensor) -> Tensor:
+    """codes (N, K) int8, col_scale (N,) -> (N, K) bf16 codes * bf16(a): the reference's bf16
+    cast of T * a, in one pass (the weight the backward's input-gradient product needs)."""
+    n, k = codes.shape
+    codes = codes.contiguous()
+    out = torch.empty((n, k), dtype=torch.bfloat16, device=codes.device)
+    block = min(4096, triton.next_power_of_2(k))
+    _dequantize_codes_kernel[(n, triton.cdiv(k, block))](codes, col_scale, out, k, BLOCK_K=block)
+    return out

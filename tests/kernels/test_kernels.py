@@ -140,6 +140,16 @@ def test_weight_codes_kernel_matches_reference(n_rows):
     assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
 
 
+def test_dequantize_codes_matches_reference():
+    from bitnet_train.kernels.weight_quant import dequantize_codes
+
+    g = _gen(11)
+    codes = torch.randint(-1, 2, (37, 5000), dtype=torch.int8, device=DEVICE, generator=g)
+    scale = torch.rand(37, device=DEVICE, generator=g) * 0.03
+    expected = codes.to(torch.bfloat16) * scale.to(torch.bfloat16)[:, None]
+    assert torch.equal(dequantize_codes(codes, scale), expected)
+
+
 @pytest.mark.parametrize("k", [64, 123, 5000])
 def test_dequantize_rows_matches_reference(k):
     g = _gen(6)
