@@ -202,7 +202,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--variants", default="a,b,c,d")
-    p.add_argument("--liger-chunk-mem", type=int, default=1)
+    p.add_argument("--liger-chunk-mem", type=int, default=8,
+                   help="Liger chunk_mem_const (the trainer default, objective.liger_chunk_mem)")
     p.add_argument("--profile", type=int, default=0,
                    help="print the N costliest CUDA kernels of one more step per variant")
     p.add_argument("--peak-tflops", type=float, default=989.0,

@@ -119,7 +119,9 @@ class FlexAttention:
         if q.device.type == "cuda" and not torch.compiler.is_compiling():
             # outside a compiled block, flex_attention must be compiled itself to be fast
             if FlexAttention._compiled is None:
-                FlexAttention._compiled = torch.compile(flex_attention, dynamic=False)
+                # default dynamic: SFT/DPO batches are padded to their longest row, so lengths
+                # vary; after a second length the compiled kernel takes any length
+                FlexAttention._compiled = torch.compile(flex_attention)
             fn = FlexAttention._compiled
         return fn(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 

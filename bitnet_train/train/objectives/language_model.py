@@ -27,7 +27,7 @@ class LanguageModelObjective:
     """Token cross-entropy; `count` = label tokens that carry loss (after the shift)."""
 
     def __init__(self, reduction: str = "mean", loss_impl: str = "auto",
-                 liger_chunk_mem: int = 1) -> None:
+                 liger_chunk_mem: int = 8) -> None:
         self.reduction = reduction
         self.loss_impl = loss_impl
         self.liger_chunk_mem = liger_chunk_mem
