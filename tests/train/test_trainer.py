@@ -220,6 +220,22 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
     assert all(math.isfinite(float(p.abs().sum())) for p in model.parameters())
 
 
+def _two_step_trainer(tmp_path, model, grad_clip: float) -> tuple[Trainer, Accelerator]:
+    """A CPU Trainer over two identical micro-batches of random tokens, AdamW."""
+    acc = Accelerator(cpu=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, opt = acc.prepare(model, opt)
+    ids = torch.randint(3, 512, (2, 16))
+    trainer = Trainer(
+        accelerator=acc, model=model, objective=LanguageModelObjective("mean", "torch"),
+        optimizer=opt, schedule=ScheduleConfig(warmup_steps=0, stage_boundary=1.0),
+        data=ListPlan([[{"input_ids": ids, "labels": ids}]] * 2),
+        checkpointer=Checkpointer(tmp_path / "ck", 1), total_steps=2, grad_accum=1,
+        grad_clip=grad_clip, progress_bar=False,
+    )
+    return trainer, acc
+
+
 @pytest.mark.parametrize("fault", ["zero", "nan"])
 def test_first_backward_guard_names_parameters_without_gradient(tmp_path, fault):
     """A path that zeroes (or poisons) some gradients stops the run at its first step, naming
@@ -232,17 +248,8 @@ def test_first_backward_guard_names_parameters_without_gradient(tmp_path, fault)
         factor = 0.0 if fault == "zero" else float("nan")
         params[name].register_hook(lambda g, f=factor: g * f)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    acc = Accelerator(cpu=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model, opt = acc.prepare(model, opt)
-    ids = torch.randint(3, 512, (2, 16))
-    trainer = Trainer(
-        accelerator=acc, model=model, objective=LanguageModelObjective("mean", "torch"),
-        optimizer=opt, schedule=ScheduleConfig(warmup_steps=0, stage_boundary=1.0),
-        data=ListPlan([[{"input_ids": ids, "labels": ids}]] * 2),
-        checkpointer=Checkpointer(tmp_path / "ck", 1), total_steps=2, grad_accum=1,
-        grad_clip=1.0, progress_bar=False,
-    )
+    trainer, acc = _two_step_trainer(tmp_path, model, grad_clip=1.0)
+    model = trainer.model
     with pytest.raises(TrainingError, match="2 of") as err:
         trainer.train_step()
     for name in broken:
@@ -256,20 +263,9 @@ def test_first_backward_guard_checks_only_the_first_step(tmp_path):
     """A healthy first step passes the guard; later steps pay nothing for it (a gradient that
     vanishes at step 2 is not looked for)."""
     torch.manual_seed(0)
-    model = BitNetForCausalLM(tiny_config())
-    acc = Accelerator(cpu=True)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    model, opt = acc.prepare(model, opt)
-    ids = torch.randint(3, 512, (2, 16))
-    trainer = Trainer(
-        accelerator=acc, model=model, objective=LanguageModelObjective("mean", "torch"),
-        optimizer=opt, schedule=ScheduleConfig(warmup_steps=0, stage_boundary=1.0),
-        data=ListPlan([[{"input_ids": ids, "labels": ids}]] * 2),
-        checkpointer=Checkpointer(tmp_path / "ck", 1), total_steps=2, grad_accum=1,
-        grad_clip=0.0, progress_bar=False,
-    )
+    trainer, acc = _two_step_trainer(tmp_path, BitNetForCausalLM(tiny_config()), grad_clip=0.0)
     assert trainer.train_step() is not None
-    dict(acc.unwrap_model(model).named_parameters())["model.norm.weight"].register_hook(
+    dict(acc.unwrap_model(trainer.model).named_parameters())["model.norm.weight"].register_hook(
         lambda g: g * 0.0)
     trainer.step = 1
     assert trainer.train_step() is not None
