@@ -50,6 +50,11 @@ class BatchPlan:
     def load_state_dict(self, state: dict[str, Any]) -> None:  # pragma: no cover - protocol
         raise NotImplementedError
 
+    def log_metrics(self, accelerator: Accelerator) -> dict[str, float]:
+        """Data metrics to log with the step's (e.g. realised token share per source); called
+        on every process, so it may all-reduce."""
+        return {}
+
 
 @dataclass
 class StepResult:
@@ -217,6 +222,7 @@ class Trainer:
             m["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         else:
             m["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        m.update(self.data.log_metrics(self.accelerator))
         self.accelerator.log(m, step=result.step + 1)
         if self.on_log is not None:
             self.on_log(StepResult(step=result.step, metrics=m))
