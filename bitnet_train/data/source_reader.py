@@ -8,11 +8,12 @@ of `world_size * W`). Epoch e of a source:
    name and e: the same order on every reader, a new order every epoch. Only the shard order
    is taken from it (buffer_size=1): `datasets` refills its example buffer empty on resume, so
    the stream's own shuffle buffer, whose content is saved, mixes the documents;
-2. `split_dataset_by_node` keeps this reader's part: whole shards when their number is a
-   multiple of the readers (ranks then read disjoint files), else every readers-th record of
-   the common order (every reader then reads, but does not tokenize, every record; a warning
-   names the source). Either way the readers of an epoch are disjoint and together read every
-   record once;
+2. this reader keeps its part: every readers-th shard of that order when there are at least
+   as many shards as readers (`IterableDataset.shard`; readers then read disjoint files, some
+   one file more than others when the count does not divide), else every readers-th record
+   (`split_dataset_by_node`: every reader then reads, but does not tokenize, every record; a
+   warning names the source). Either way the readers of an epoch are disjoint and together
+   read every record once;
 3. records are tokenized `batch_size` at a time; at the end of its part the reader logs the
    wrap, naming the source, and begins epoch e + 1.
 
@@ -61,12 +62,15 @@ class SourceReader:
         self._tokenizer = tokenizer
         self._seed, self._reader, self._readers = seed, reader, readers
         self._batch_size = batch_size
-        if readers > 1 and self.num_shards % readers and reader == 0:
+        if readers > 1 and self.num_shards < readers and reader == 0:
             log.warning(
-                "data source %r has %d shards (files), not a multiple of the %d readers (ranks x "
-                "data workers): every reader reads all its records and keeps 1 in %d. Split it "
-                "into a multiple of %d files to give each reader its own", self.name,
-                self.num_shards, readers, readers, readers)
+                "data source %r has %d shards (files), fewer than the %d readers (ranks x data "
+                "workers): every reader reads all its records and keeps 1 in %d. Split it into "
+                "at least %d files to give each reader its own", self.name, self.num_shards,
+                readers, readers, readers)
+        elif readers > 1 and self.num_shards % readers and reader == 0:
+            log.info("data source %r: %d shards over %d readers, some read one shard more per "
+                     "epoch", self.name, self.num_shards, readers)
         self.epoch = 0
         self.docs = 0  # documents handed out by this reader since step 0
         self.tokens = 0  # their tokens
@@ -86,7 +90,9 @@ class SourceReader:
                                buffer_size=1, max_buffer_input_shards=1)
         if ds.column_names is not None:
             ds = ds.select_columns([self.src.text_field])
-        if self._readers > 1:
+        if self._readers > 1 and self.num_shards >= self._readers:
+            ds = ds.shard(num_shards=self._readers, index=self._reader, contiguous=False)
+        elif self._readers > 1:
             ds = split_dataset_by_node(ds, rank=self._reader, world_size=self._readers)
         return ds
 

@@ -151,8 +151,31 @@ def test_stage_two_continues_each_source_without_rereading(tmp_path, tokenizer, 
     switches = [r.getMessage() for r in caplog.records if "stage 2 mixture" in r.getMessage()]
     assert switches and "continuing ['alpha'], new ['gamma'], dropped ['beta']" in switches[0]
     if files == 1 and world_size == 2:
-        assert any("has 1 shards" in r.getMessage() and r.levelno == logging.WARNING
-                   for r in caplog.records)
+        assert any("'alpha' has 1 shards (files), fewer than the 2 readers" in r.getMessage()
+                   and r.levelno == logging.WARNING for r in caplog.records)
+
+
+@pytest.mark.parametrize("files,world_size", [(3, 2), (5, 4)])
+def test_ranks_read_whole_disjoint_files_when_they_do_not_divide(tmp_path, tokenizer, files,
+                                                                 world_size):
+    # 3 files over 2 ranks: one rank reads 2 files, the other 1; no rank reads another's
+    # documents within an epoch, and together they read every document once.
+    n = 12 * files
+    src = make_source(tmp_path, "alpha", n, files=files)
+    parts = []
+    for rank in range(world_size):
+        stream = build_pretrain_stream(data_config(src, seed=3), tokenizer, rank=rank,
+                                       world_size=world_size)
+        reader = stream._readers["alpha"]
+        numbers = []
+        while reader.epoch == 0:
+            numbers.append(reader.next_document())
+        numbers = numbers[:-1]  # the first of epoch 1
+        texts = [tokenizer.decode(ids.tolist()) for ids in numbers]
+        parts.append(doc_numbers(texts))
+        assert len(parts[-1]) % 12 == 0  # whole files of 12 documents
+        assert len(set(int(x.split()[1]) % files for x in parts[-1])) == len(parts[-1]) // 12
+    assert sorted(x for part in parts for x in part) == [f"alpha {i:04d}" for i in range(n)]
 
 
 def test_shard_order_is_reshuffled_per_epoch_with_the_seed(tmp_path, tokenizer):
@@ -286,3 +309,21 @@ def test_plan_switches_at_the_schedule_boundary_and_logs_token_shares(tmp_path, 
     other.load_state_dict(plan.state_dict())
     with pytest.raises(TrainingError, match="grad_accum"):
         other.batches_for_step(3, 1)
+
+
+def test_2b4t_mixture_has_code_and_math_in_stage_1_and_token_weights():
+    from bitnet_train.train.config import compose, to_train_config
+
+    data = to_train_config(compose(["+recipe=pretrain_2b4t"])).data
+    one = {s.name: s for s in data.stage1.sources}
+    two = {s.name: s for s in data.stage2.sources}
+    assert data.stage1.weighting == data.stage2.weighting == "tokens"
+    assert one["starcoder"].path == "bigcode/starcoderdata"
+    assert one["starcoder"].text_field == "content"
+    assert one["finemath"].path == "HuggingFaceTB/finemath"
+    assert sum(s.weight for s in one.values()) == pytest.approx(1.0)
+    assert sum(s.weight for s in two.values()) == pytest.approx(1.0)
+    # stage 2 up-weights the curated sets and continues every stage-1 source
+    for name in ("fineweb-edu", "starcoder", "finemath"):
+        assert two[name].weight > one[name].weight
+    assert two["dclm"].weight < one["dclm"].weight and set(one) == set(two)
