@@ -95,6 +95,7 @@ class Trainer:
         peak_tflops: float = 0.0,
         progress_bar: bool = True,
         on_log: Callable[[StepResult], None] | None = None,
+        grad_clip_per: str = "step",
     ) -> None:
         self.accelerator = accelerator
         self.model = model
@@ -106,6 +107,7 @@ class Trainer:
         self.total_steps = total_steps
         self.grad_accum = grad_accum
         self.grad_clip = grad_clip
+        self.grad_clip_per = grad_clip_per
         self.checkpoint_every = checkpoint_every
         self.log_every = log_every
         self.save_extra = save_extra
@@ -166,19 +168,28 @@ class Trainer:
                 f"Last good checkpoint: {where}. Lower the learning rate or inspect the data of "
                 "this step, then resume with trainer.resume=auto."
             )
+        clip = self.clip_threshold(global_count)
         grad_norm = (
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            if self.grad_clip > 0 else _grad_norm(self.model)
+            self.accelerator.clip_grad_norm_(self.model.parameters(), clip)
+            if clip > 0 else _grad_norm(self.model)
         )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {k: self._global_sum(v) / global_count for k, v in sums.items()}
         metrics["grad_norm"] = float(grad_norm)
+        metrics["clipped"] = float(0 < clip < float(grad_norm))
         metrics["items"] = global_count
         metrics["tokens"] = self._global_sum(float(tokens))
         if self.objective.reduction == "sum":
             metrics["loss_sum"] = loss_total
         return StepResult(step=self.step, metrics=metrics)
+
+    def clip_threshold(self, global_count: float) -> float:
+        """The step's clipping norm: grad_clip, times the global item count when clipping per
+        item of a summed loss (whose gradient grows with the tokens in the batch)."""
+        if self.grad_clip_per == "item" and self.objective.reduction == "sum":
+            return self.grad_clip * global_count
+        return self.grad_clip
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> list[StepResult]:
