@@ -268,6 +268,12 @@ def test_dataloader_workers_switch_at_their_batch_and_resume_exactly(tmp_path, t
     assert any(t.startswith("beta") for b in texts[:5] for t in b)
     assert not any(t.startswith("beta") for b in texts[6:] for t in b)
     assert any(t.startswith("gamma") for b in texts[5:] for t in b)
+    # the workers' counts reach the main process with their batches: all tokens of the 12
+    # batches, plus what each worker's packer holds (less than a row and a document each)
+    stats = stream.stats()
+    assert stats["stage"] == 2 and set(stats["stage_tokens"]) == {"alpha", "gamma"}
+    waiting = sum(stats["packed_tokens"].values()) - 12 * 2 * 32
+    assert 0 <= waiting < 2 * (32 + 64)
     resumed = build_pretrain_stream(cfg, tokenizer, batch_size=2, stage2_after=5)
     resumed.load_state_dict(state)
     assert_same_batches(expected, [next(resumed) for _ in range(5)])
@@ -327,3 +333,46 @@ def test_2b4t_mixture_has_code_and_math_in_stage_1_and_token_weights():
     for name in ("fineweb-edu", "starcoder", "finemath"):
         assert two[name].weight > one[name].weight
     assert two["dclm"].weight < one["dclm"].weight and set(one) == set(two)
+
+
+@pytest.mark.slow
+def test_two_processes_continue_the_streams_and_resume_mid_stage_two(tmp_path, tokenizer):
+    """torchrun, 2 processes: each reads its own files of each source across the boundary, no
+    document twice before its epoch ends, token metrics all-reduced; a restart from the state
+    saved mid-stage-2 yields exactly the same batches on both ranks."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.data.stage_worker import SAVE_AT
+
+    root = Path(__file__).resolve().parents[2]
+    corpus = tmp_path / "corpus"
+    for name, n in (("alpha", 40), ("beta", 40), ("gamma", 12)):
+        make_source(corpus, name, n, files=2)
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", "29541", str(root / "tests/data/stage_worker.py"), str(corpus),
+         str(tmp_path / "tok"), str(tmp_path)],
+        cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    full = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for f in full:  # exact resume mid-stage-2 on each rank
+        for a, b in zip(f["batches"][SAVE_AT:], f["resumed"], strict=True):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+    epochs = {}
+    for r in (0, 1):
+        ids = [{"input_ids": x} for step in full[r]["batches"] for x in step]
+        seen = by_source(doc_numbers(decode_documents(ids, tokenizer)))
+        for name, share in (("alpha", 20), ("gamma", 6)):
+            assert len(seen[name]) > share and len(set(seen[name][:share])) == share
+            epochs.setdefault(name, []).append(set(seen[name][:share]))
+    for name, n in (("alpha", 40), ("gamma", 12)):
+        assert not epochs[name][0] & epochs[name][1]
+        assert epochs[name][0] | epochs[name][1] == {f"{name} {i:04d}" for i in range(n)}
+    assert "data source 'alpha': epoch 0 done" in proc.stderr
+    # the logged totals are the sum of both ranks' own counts
+    for name in ("alpha", "beta", "gamma"):
+        local = sum(f["local"]["packed_tokens"][name] for f in full)
+        assert full[0]["metrics"][f"data/tokens/{name}"] == local
