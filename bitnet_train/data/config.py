@@ -98,7 +98,7 @@ class MixtureConfig:
             raise ConfigError(f"mixture weighting={self.weighting!r}; choose one of {WEIGHTINGS}")
 
     def probabilities(self) -> list[float]:
-        """Normalised sampling probabilities, in source order."""
+        """Normalised weights, in source order (shares of documents or of tokens)."""
         total = sum(s.weight for s in self.sources)
         return [s.weight / total for s in self.sources]
 
@@ -157,12 +157,11 @@ class PretrainDataConfig:
     def _check_same_data_under_one_name(self) -> None:
         """A stage-2 source continues the stage-1 source of its name: it must read the same
         data, or positions would be carried into another dataset."""
-        first = {s.name: s for s in self.stage1.sources}
+        first = {s.name: source_identity(s) for s in self.stage1.sources}
         for src in self.stage2.sources:
-            old = first.get(src.name)
-            if old is not None and source_identity(old) != source_identity(src):
-                diff = {k: (a, b) for (k, a), (_, b) in zip(source_identity(old).items(),
-                                                            source_identity(src).items()) if a != b}
+            then, now = first.get(src.name), source_identity(src)
+            if then is not None and then != now:
+                diff = {k: (then[k], now[k]) for k in now if then[k] != now[k]}
                 raise ConfigError(
                     f"data source {src.name!r} reads other data in stage 2 than in stage 1 "
                     f"({diff} as (stage 1, stage 2)); a source continues across the boundary "

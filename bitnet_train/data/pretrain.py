@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from bitnet_train.data.config import PretrainDataConfig
+from bitnet_train.data.config import MixtureConfig, PretrainDataConfig, SourceConfig
 from bitnet_train.data.mixing import SourceSampler, draw_probabilities
 from bitnet_train.data.packing import DocumentPacker, PackedRow, collate_rows, frame_array
 from bitnet_train.data.source_reader import SourceReader, derive_seed
@@ -134,8 +134,18 @@ class PretrainStream:
         self.batches_yielded = 0
         self.documents: list[tuple[str, int]] | None = None
         self._readers: dict[str, SourceReader] = {}
+        self._opened: dict[str, SourceReader] = {}  # stage-2 sources, checked, not read yet
         self.stage = 0
         self._enter_stage(stage)
+        if self.stage == 1 and self.stage2_after is not None:
+            # a stage-2 source that cannot be read fails now, not at the boundary days later
+            self._opened = {src.name: self._new_reader(src) for src in cfg.stage2.sources
+                            if src.name not in self._readers}
+
+    def _new_reader(self, src: SourceConfig) -> SourceReader:
+        return SourceReader(src, self._tokenizer, seed=self.cfg.seed, reader=self.rank,
+                            readers=self.world_size, batch_size=self.cfg.tokenize_batch_size,
+                            streaming=self.cfg.streaming)
 
     # -- stages ---------------------------------------------------------------------------
     def _enter_stage(self, stage: int) -> None:
@@ -144,10 +154,8 @@ class PretrainStream:
         kept = {s.name for s in mixture.sources} & set(self._readers)
         readers = {}
         for src in mixture.sources:
-            readers[src.name] = self._readers.get(src.name) or SourceReader(
-                src, self._tokenizer, seed=self.cfg.seed, reader=self.rank,
-                readers=self.world_size, batch_size=self.cfg.tokenize_batch_size,
-                streaming=self.cfg.streaming)
+            readers[src.name] = (self._readers.get(src.name) or self._opened.pop(src.name, None)
+                                 or self._new_reader(src))
         if self.stage and self.rank == 0:
             log.info("data: stage %d mixture from batch %d: %s; continuing %s, new %s, dropped %s",
                      stage, self.batches_yielded, self._describe(mixture), sorted(kept),
@@ -163,10 +171,9 @@ class PretrainStream:
         self.stage_tokens = {name: 0 for name in self.source_names}
 
     @staticmethod
-    def _describe(mixture) -> str:
-        total = sum(s.weight for s in mixture.sources)
-        return ", ".join(f"{s.name} {s.weight / total:.3f}" for s in mixture.sources) + (
-            f" of {mixture.weighting}")
+    def _describe(mixture: MixtureConfig) -> str:
+        shares = zip(mixture.sources, mixture.probabilities())
+        return ", ".join(f"{s.name} {p:.3f}" for s, p in shares) + f" of {mixture.weighting}"
 
     # -- iteration ------------------------------------------------------------------------
     def __iter__(self) -> PretrainStream:

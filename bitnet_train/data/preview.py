@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from bitnet_train.data.config import PretrainDataConfig
+from bitnet_train.data.config import MixtureConfig, PretrainDataConfig
 from bitnet_train.data.packing import PackedRow
 from bitnet_train.data.pretrain import PretrainStream
 from bitnet_train.errors import ConfigError
@@ -105,9 +105,10 @@ def decode_row(row: PackedRow, tokenizer: PreTrainedTokenizerBase, max_chars: in
     return " ".join(parts)
 
 
-def format_preview(p: Preview, tokenizer: PreTrainedTokenizerBase, mixture, show: int) -> str:
+def format_preview(p: Preview, tokenizer: PreTrainedTokenizerBase, mixture: MixtureConfig,
+                   show: int) -> str:
     """The report `data-preview` prints."""
-    weights = {s.name: s.weight / sum(x.weight for x in mixture.sources) for s in mixture.sources}
+    weights = {s.name: w for s, w in zip(mixture.sources, mixture.probabilities())}
     lines = [f"stage {p.stage}: {len(p.rows)} rows x {p.seq_len} tokens = {p.tokens} tokens in "
              f"{p.seconds:.2f} s ({p.tokens / max(p.seconds, 1e-9):,.0f} tokens/s in this process)",
              f"weights are shares of {mixture.weighting}",

@@ -15,9 +15,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from bitnet_train.data.config import SourceConfig
 from bitnet_train.data.mixing import SourceSampler, draw_probabilities
 from bitnet_train.data.pretrain import build_pretrain_stream, worker_stage2_after
-from bitnet_train.errors import ConfigError, TrainingError
+from bitnet_train.errors import ConfigError, DataError, TrainingError
 from bitnet_train.train.data_plan import PretrainPlan
 from bitnet_train.train.schedules import ScheduleConfig
 from tests.data.pretrain_fixtures import (
@@ -176,6 +177,14 @@ def test_ranks_read_whole_disjoint_files_when_they_do_not_divide(tmp_path, token
         assert len(parts[-1]) % 12 == 0  # whole files of 12 documents
         assert len(set(int(x.split()[1]) % files for x in parts[-1])) == len(parts[-1]) // 12
     assert sorted(x for part in parts for x in part) == [f"alpha {i:04d}" for i in range(n)]
+
+
+def test_a_stage_two_source_is_checked_at_start_up(tmp_path, tokenizer):
+    alpha = make_source(tmp_path, "alpha", 10)
+    missing = SourceConfig(name="math", path=str(tmp_path / "no-such-dir" / "*.jsonl"))
+    cfg = data_config(alpha, stage2=[alpha, missing])
+    with pytest.raises(DataError, match="'math': no file matches"):
+        build_pretrain_stream(cfg, tokenizer, stage2_after=1000)
 
 
 def test_shard_order_is_reshuffled_per_epoch_with_the_seed(tmp_path, tokenizer):
