@@ -1,4 +1,5 @@
-"""Console entry points: `bitnet-train` (the Hydra app of train.py) and `bitnet-export`."""
+"""Console entry points: `bitnet-train` (the Hydra app of train.py; `bitnet-train data-preview`)
+and `bitnet-export`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,12 @@ import sys
 
 
 def train_main() -> None:
-    """`bitnet-train +recipe=NAME key=value ...`: same as `python train.py ...`."""
+    """`bitnet-train +recipe=NAME key=value ...`: same as `python train.py ...`.
+    `bitnet-train data-preview +recipe=NAME ...`: the first packed rows of a pretraining stage."""
+    if sys.argv[1:2] == ["data-preview"]:
+        from bitnet_train.data.preview import main
+
+        sys.exit(main(sys.argv[2:]))
     import hydra
 
     from bitnet_train.train.config import config_dir, register_configs

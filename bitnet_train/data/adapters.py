@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bitnet_train.data.bad_records import find_bad_record
 from bitnet_train.data.chat import Message, check_messages
 from bitnet_train.errors import ConfigError, DataError
 
@@ -106,7 +107,7 @@ HUB_FORMATS: dict[str, str] = {
 }
 """Hub id -> adapter name, used by `format: auto`."""
 
-GATED = {"lmsys/lmsys-chat-1m"}
+GATED = {"lmsys/lmsys-chat-1m", "bigcode/starcoderdata"}
 
 
 def register(name: str, kind: str):
@@ -333,15 +334,17 @@ def load_source(source: SourceConfig, cache_dir: str | None = None):
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - re-raised as DataError naming the source
+        bad = find_bad_record(*local) if local is not None else None
+        if bad is not None:
+            raise DataError(f"data source {source.name!r}: {bad.where()}: {bad.reason}. Fix or "
+                            "remove that record (or the file), then rerun") from e
         raise explain_load_error(source.path, e) from e
 
 
-def explain_load_error(path: str, exc: BaseException) -> DataError:
-    """A DataError saying what to do about a failed `load_dataset(path)`.
-
-    Gated repos (lmsys/lmsys-chat-1m): datasets raises DatasetNotFoundError from
-    huggingface_hub's GatedRepoError; the message names the dataset and how to get access.
-    """
+def gated_error(path: str, exc: BaseException) -> DataError | None:
+    """A DataError saying how to get access if `exc` (from `load_dataset(path)`) means the
+    dataset is gated, else None. datasets raises DatasetNotFoundError from huggingface_hub's
+    GatedRepoError (lmsys/lmsys-chat-1m, bigcode/starcoderdata)."""
     from huggingface_hub.errors import GatedRepoError
 
     chain, e = [], exc
@@ -356,5 +359,13 @@ def explain_load_error(path: str, exc: BaseException) -> DataError:
             f"`export HF_TOKEN=hf_...` or `huggingface-cli login` (`hf auth login`). "
             f"[{type(exc).__name__}: {exc}]"
         )
+    return None
+
+
+def explain_load_error(path: str, exc: BaseException) -> DataError:
+    """A DataError saying what to do about a failed `load_dataset(path)`."""
+    gated = gated_error(path, exc)
+    if gated is not None:
+        return gated
     return DataError(f"cannot load data source {path!r}: {type(exc).__name__}: {exc}. Check the "
                      f"hub id / local path, the split, and network access (HF_HUB_OFFLINE)")

@@ -22,13 +22,14 @@ Conventions (the project's batch keys; labels are NOT shifted, position t predic
   document_ids all 0, labels = input_ids; tokens attend across documents.
 
 `DocumentPacker` is stateful and resumable: `state_dict()` holds the tokens buffered for the
-next rows (less than one row plus one document).
+next rows (less than one row plus one document). A document may carry a tag (its source's
+name); each row lists the tags of its pieces, for previews and per-source counts.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,15 @@ def frame_document(ids: Sequence[int], bos_id: int | None, eos_id: int) -> list[
     return head + list(ids) + [eos_id]
 
 
+def frame_array(ids: np.ndarray, bos_id: int | None, eos_id: int) -> np.ndarray:
+    """`frame_document` for an integer array, as int64 (empty in, empty out)."""
+    if len(ids) == 0:
+        return np.empty(0, dtype=np.int64)
+    head = [] if bos_id is None else [bos_id]
+    return np.concatenate([np.asarray(head, dtype=np.int64), ids.astype(np.int64),
+                           np.asarray([eos_id], dtype=np.int64)])
+
+
 @dataclass
 class PackedRow:
     """One packed row; each array has shape (seq_len,), dtype int64."""
@@ -55,6 +65,8 @@ class PackedRow:
     labels: np.ndarray
     position_ids: np.ndarray
     document_ids: np.ndarray
+    tags: tuple = ()
+    """The tag of each piece (document_ids 0, 1, ...), as given to `DocumentPacker.push`."""
 
 
 class DocumentPacker:
@@ -66,6 +78,7 @@ class DocumentPacker:
         self.seq_len = seq_len
         self.document_masking = document_masking
         self._pieces: deque[np.ndarray] = deque()  # documents (or their rests), in order
+        self._tags: deque[Hashable] = deque()  # one per piece
         self._buffered = 0
 
     @property
@@ -73,11 +86,12 @@ class DocumentPacker:
         """Tokens waiting for a row."""
         return self._buffered
 
-    def push(self, document: Sequence[int]) -> None:
-        """Queue one framed document (empty ones are ignored)."""
+    def push(self, document: Sequence[int] | np.ndarray, tag: Hashable = None) -> None:
+        """Queue one framed document (empty ones are ignored), with an optional tag."""
         if len(document):
             piece = np.asarray(document, dtype=np.int64)
             self._pieces.append(piece)
+            self._tags.append(tag)
             self._buffered += len(piece)
 
     def pop_row(self) -> PackedRow | None:
@@ -89,6 +103,7 @@ class DocumentPacker:
         position_ids = np.empty(length, dtype=np.int64)
         document_ids = np.empty(length, dtype=np.int64)
         starts = []
+        tags = []
         filled = 0
         doc = 0
         while filled < length:
@@ -98,8 +113,10 @@ class DocumentPacker:
             position_ids[filled:filled + take] = np.arange(take)
             document_ids[filled:filled + take] = doc
             starts.append(filled)
+            tags.append(self._tags[0])
             if take == len(piece):
                 self._pieces.popleft()
+                self._tags.popleft()
             else:  # the rest continues the next row, as a new piece
                 self._pieces[0] = piece[take:]
             filled += take
@@ -111,13 +128,14 @@ class DocumentPacker:
         else:
             position_ids = np.arange(length, dtype=np.int64)
             document_ids = np.zeros(length, dtype=np.int64)
-        return PackedRow(input_ids, labels, position_ids, document_ids)
+        return PackedRow(input_ids, labels, position_ids, document_ids, tuple(tags))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"pieces": [p.tolist() for p in self._pieces]}
+        return {"pieces": [p.tolist() for p in self._pieces], "tags": list(self._tags)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._pieces = deque(np.asarray(p, dtype=np.int64) for p in state["pieces"])
+        self._tags = deque(state.get("tags") or [None] * len(self._pieces))
         self._buffered = sum(len(p) for p in self._pieces)
 
 

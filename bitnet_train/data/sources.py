@@ -4,7 +4,9 @@ Everything goes through `datasets.load_dataset`: a Hub id as `load_dataset(path,
 data_files)`, local files through the packaged json / parquet / text builders. Tests and demos
 on local jsonl therefore run the production code path. Each opened source is checked on its
 first record (present, has the text field), so a misnamed column or an empty file fails at
-start-up with the source named, not as a KeyError deep in a training step.
+start-up with the source named, not as a KeyError deep in a training step. A record that cannot
+be read later (a JSON line that does not parse, a file that is not UTF-8) fails naming the file
+and line (`read_error`).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import glob
 from pathlib import Path
 
 import datasets
-from datasets import Features, IterableDataset, Value
+from datasets import IterableDataset
 
+from bitnet_train.data.bad_records import find_bad_record
 from bitnet_train.data.config import SourceConfig
 from bitnet_train.errors import ConfigError, DataError
 
@@ -22,8 +25,6 @@ EXTENSION_BUILDERS = {
     ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text",
 }
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")
-TEXT_FEATURES = Features({"text": Value("string"), "source": Value("int32")})
-"""Schema of every normalised source: the document and the index of its source."""
 NUM_SHARDS_NOT_STREAMING = 64
 """Shards of an Arrow-prepared source (streaming=False): divisible by any power-of-two world
 size up to 64, so split_dataset_by_node assigns whole shards."""
@@ -100,6 +101,11 @@ def _load(src: SourceConfig, streaming: bool) -> datasets.IterableDataset | data
         return datasets.load_dataset(src.path, name=src.config_name, split=src.split,
                                      data_files=src.data_files, streaming=streaming)
     except Exception as err:
+        from bitnet_train.data.adapters import gated_error
+
+        gated = gated_error(src.path, err)
+        if gated is not None:
+            raise DataError(f"data source {src.name!r}: {gated}") from err
         raise DataError(
             f"data source {src.name!r}: could not reach the dataset {src.path!r} "
             f"(config {src.config_name!r}, split {src.split!r}) on the Hugging Face Hub "
@@ -122,12 +128,20 @@ def open_source(src: SourceConfig, streaming: bool = True) -> IterableDataset:
     streaming=False prepares an Arrow copy in the `datasets` cache first, then iterates it in
     NUM_SHARDS_NOT_STREAMING shards (fewer for tiny sets).
     """
-    ds = _load(src, streaming)
+    try:
+        ds = _load(src, streaming)
+    except DataError as err:
+        if not (_is_local(src) and isinstance(err.__cause__, READ_ERRORS)):
+            raise
+        raise read_error(src, err.__cause__) from err.__cause__
     if isinstance(ds, datasets.Dataset):
         if len(ds) == 0:
             raise DataError(f"data source {src.name!r} has no records")
         ds = ds.to_iterable_dataset(num_shards=min(NUM_SHARDS_NOT_STREAMING, len(ds)))
-    first = first_record(ds)
+    try:
+        first = first_record(ds)
+    except READ_ERRORS as err:
+        raise read_error(src, err) from err
     if first is None:
         raise DataError(
             f"data source {src.name!r} has no records; check its path, split and data_files"
@@ -145,15 +159,35 @@ def open_source(src: SourceConfig, streaming: bool = True) -> IterableDataset:
     return ds
 
 
-def normalize_source(ds: IterableDataset, src: SourceConfig, index: int) -> IterableDataset:
-    """Records {text, source=index} only (TEXT_FEATURES), so sources interleave."""
-    field = src.text_field
+READ_ERRORS: tuple[type[BaseException], ...] = (ValueError, UnicodeError, OSError)
+"""What `datasets` raises on unreadable data: pyarrow's ArrowInvalid (a ValueError) for JSON,
+UnicodeDecodeError for text, OSError for a corrupt or unreachable file."""
 
-    def to_text(batch: dict[str, list]) -> dict[str, list]:
-        texts = batch[field]
-        return {"text": texts, "source": [index] * len(texts)}
 
-    columns = ds.column_names
-    if columns is None:  # schema unknown until read (some Hub scripts): take the first record's
-        columns = list(first_record(ds) or {})
-    return ds.map(to_text, batched=True, remove_columns=columns, features=TEXT_FEATURES)
+def read_error(src: SourceConfig, err: BaseException) -> DataError:
+    """A DataError naming the file (and line) of `src` that `datasets` failed to read with
+    `err`. Local files are scanned for the first bad record; a Hub source is named as a whole."""
+    if isinstance(err, DataError):
+        return err
+    cause = f"{type(err).__name__}: {err}"
+    if _is_local(src):
+        builder, files = local_files(src)
+        bad = find_bad_record(builder, files)
+        if bad is not None:
+            return DataError(
+                f"data source {src.name!r}: {bad.where()}: {bad.reason}. Fix or remove that "
+                f"record (or the file), then rerun [{cause}]"
+            )
+        return DataError(f"data source {src.name!r}: cannot read {files[:3]} with the {builder} "
+                         f"builder ({cause})")
+    if isinstance(err, OSError):  # ConnectionError, timeouts: the network, not the data
+        return DataError(
+            f"data source {src.name!r}: streaming the Hub dataset {src.path!r} failed "
+            f"({cause}); check network access, or download it and point the source's `path` "
+            "at the local files"
+        )
+    return DataError(
+        f"data source {src.name!r}: a record of the Hub dataset {src.path!r} (config "
+        f"{src.config_name!r}) cannot be read ({cause}). Download its files and point the "
+        "source's `path` at them: `bitnet-train data-preview` then names the file and line"
+    )

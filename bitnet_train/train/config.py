@@ -47,6 +47,11 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     """Clip the global grad norm to this; 0 disables clipping."""
+    grad_clip_per: str = "step"
+    """What grad_clip bounds. step: the norm of the step's gradient. item: its norm per item
+    (label token, or pair): the threshold is grad_clip x the step's global item count when
+    objective.reduction=sum, so a summed loss is clipped exactly when the mean loss would be
+    and keeps its scale otherwise (the same as step for reduction=mean)."""
     fused: bool | None = None
     """Fused CUDA AdamW; None picks it on CUDA."""
     decay_embeddings: bool = False
@@ -55,6 +60,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.grad_clip_per not in ("step", "item"):
+            raise ConfigError(f"optim.grad_clip_per={self.grad_clip_per!r}; choose step or item")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Which micro-batches each optimizer step trains on.
 
-- `PretrainPlan`: step-based; an infinite stream per pretraining stage, switched to the stage-2
-  mixture at the schedule's boundary. Its state is the stage and the stream's position.
+- `PretrainPlan`: step-based; one infinite stream per rank that switches to the stage-2
+  mixture at the schedule's boundary and continues each source it keeps. Its state is the
+  stream's position; it logs the realised token share per source.
 - `EpochPlan`: epoch-based (SFT, DPO); a step's micro-batches are a pure function of the step
   (epoch = step // steps_per_epoch), so resuming needs no data state beyond the step. The last
   step of an epoch takes the remaining micro-batches (fewer than grad_accum when they do not
@@ -19,48 +20,65 @@ import torch
 from torch import Tensor
 
 from bitnet_train.data.pretrain import build_pretrain_stream
-from bitnet_train.errors import ConfigError
+from bitnet_train.errors import ConfigError, TrainingError
 from bitnet_train.train.config import TrainConfig, derive_grad_accum
-from bitnet_train.train.schedules import ScheduleConfig, stage_at
+from bitnet_train.train.schedules import ScheduleConfig, stage_at, stage_boundary_step
 from bitnet_train.train.trainer import BatchPlan
 
 log = logging.getLogger(__name__)
 
 
 class PretrainPlan(BatchPlan):
+    """One infinite stream per rank; it switches itself to the stage-2 mixture after the
+    batches of the steps before the schedule's boundary, continuing every source it keeps."""
+
     def __init__(self, data_cfg, tokenizer, rank: int, world_size: int, micro_batch_size: int,
-                 total_steps: int, schedule: ScheduleConfig) -> None:
-        self.cfg, self.tokenizer = data_cfg, tokenizer
-        self.rank, self.world_size, self.micro = rank, world_size, micro_batch_size
-        self.total_steps, self.schedule = total_steps, schedule
-        self.stage = 0
-        self.stream = None
-
-    def _stage_for(self, step: int) -> int:
-        if self.cfg.stage2 is None:
-            return 1
-        return stage_at(step, self.total_steps, self.schedule)
-
-    def _switch(self, stage: int) -> None:
-        if self.stage:
-            log.info("switching the data mixture to stage %d", stage)
-        self.stage = stage
-        self.stream = build_pretrain_stream(self.cfg, self.tokenizer, stage=stage, rank=self.rank,
-                                            world_size=self.world_size, batch_size=self.micro)
+                 total_steps: int, schedule: ScheduleConfig, grad_accum: int = 1) -> None:
+        self.cfg, self.total_steps, self.schedule = data_cfg, total_steps, schedule
+        boundary = stage_boundary_step(total_steps, schedule)
+        two_stages = data_cfg.stage2 is not None and boundary < total_steps
+        self.stream = build_pretrain_stream(
+            data_cfg, tokenizer, rank=rank, world_size=world_size, batch_size=micro_batch_size,
+            stage2_after=boundary * grad_accum if two_stages else None)
+        self._names = sorted({s.name for s in data_cfg.stage1.sources}
+                             | {s.name for s in (data_cfg.stage2 or data_cfg.stage1).sources})
 
     def batches_for_step(self, step: int, grad_accum: int) -> list[dict[str, Tensor]]:
-        stage = self._stage_for(step)
-        if stage != self.stage:
-            self._switch(stage)
-        return [next(self.stream) for _ in range(grad_accum)]
+        batches = [next(self.stream) for _ in range(grad_accum)]
+        expected = 1 if self.cfg.stage2 is None else stage_at(step, self.total_steps,
+                                                              self.schedule)
+        if self.stream.stage != expected:
+            raise TrainingError(
+                f"step {step} belongs to stage {expected} but the data stream is in stage "
+                f"{self.stream.stage}: the checkpoint's data position was written with another "
+                "trainer.grad_accum, number of processes or schedule; resume with the same ones"
+            )
+        return batches
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "stream": self.stream.state_dict() if self.stream else None}
+        return {"stream": self.stream.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["stage"]:
-            self._switch(state["stage"])
-            self.stream.load_state_dict(state["stream"])
+        self.stream.load_state_dict(state["stream"])
+
+    def log_metrics(self, accelerator) -> dict[str, float]:
+        """Realised token share per source over the current stage and tokens per source over
+        the run (summed over ranks), and the epoch each source is in (this rank's)."""
+        stats = self.stream.stats()
+        stage_n = [stats["stage_tokens"].get(n, 0) for n in self._names]
+        run_n = [stats["packed_tokens"].get(n, 0) for n in self._names]
+        counts = torch.tensor(stage_n + run_n, dtype=torch.float64, device=accelerator.device)
+        counts = accelerator.reduce(counts, reduction="sum").tolist()
+        stage_n, run_n = counts[:len(self._names)], counts[len(self._names):]
+        total = sum(stage_n) or 1.0
+        out: dict[str, float] = {"data/stage": float(stats["stage"])}
+        for name, s, r in zip(self._names, stage_n, run_n):
+            if name in stats["stage_tokens"]:
+                out[f"data/token_share/{name}"] = s / total
+            out[f"data/tokens/{name}"] = r
+            if name in stats["epochs"]:
+                out[f"data/epoch/{name}"] = float(stats["epochs"][name])
+        return out
 
 
 class EpochPlan(BatchPlan):
@@ -147,7 +165,7 @@ def build_batch_plan(cfg: TrainConfig, tokenizer, accelerator, objective) -> Bat
         ga = derive_grad_accum(cfg.trainer, cfg.data.seq_len, world)
         cfg.trainer.grad_accum = ga
         plan = PretrainPlan(cfg.data, tokenizer, rank, world, cfg.trainer.micro_batch_size,
-                            cfg.trainer.max_steps, cfg.schedule)
+                            cfg.trainer.max_steps, cfg.schedule, grad_accum=ga)
         plan.total_steps = cfg.trainer.max_steps
         return plan
     # the main process encodes first and fills datasets' cache; the others then read it

@@ -219,7 +219,7 @@ def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
         checkpoint_metadata={"model_config": unwrapped.config.to_hf_dict(),
                              "objective": cfg.objective.name},
         flops_per_token=flops_per_token(unwrapped.config, seq_len), peak_tflops=peak,
-        progress_bar=cfg.trainer.progress_bar,
+        progress_bar=cfg.trainer.progress_bar, grad_clip_per=cfg.optim.grad_clip_per,
     )
     _maybe_resume(trainer, cfg, checkpointer, unwrapped)
     trainer.fit()

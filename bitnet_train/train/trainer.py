@@ -51,6 +51,11 @@ class BatchPlan:
     def load_state_dict(self, state: dict[str, Any]) -> None:  # pragma: no cover - protocol
         raise NotImplementedError
 
+    def log_metrics(self, accelerator: Accelerator) -> dict[str, float]:
+        """Data metrics to log with the step's (e.g. realised token share per source); called
+        on every process, so it may all-reduce."""
+        return {}
+
 
 @dataclass
 class StepResult:
@@ -91,6 +96,7 @@ class Trainer:
         peak_tflops: float = 0.0,
         progress_bar: bool = True,
         on_log: Callable[[StepResult], None] | None = None,
+        grad_clip_per: str = "step",
     ) -> None:
         self.accelerator = accelerator
         self.model = model
@@ -102,6 +108,7 @@ class Trainer:
         self.total_steps = total_steps
         self.grad_accum = grad_accum
         self.grad_clip = grad_clip
+        self.grad_clip_per = grad_clip_per
         self.checkpoint_every = checkpoint_every
         self.log_every = log_every
         self.save_extra = save_extra
@@ -192,17 +199,26 @@ class Trainer:
         if not self._gradients_checked:
             check_gradients(self.accelerator.unwrap_model(self.model), self.step)
             self._gradients_checked = True
-        if self.grad_clip > 0:  # with the norm already computed: no second pass, no sync
-            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, total_norm)
+        clip = self.clip_threshold(global_count)
+        if clip > 0:  # with the norm already computed: no second pass, no sync
+            torch.nn.utils.clip_grads_with_norm_(params, clip, total_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {k: totals[i] / global_count for i, k in enumerate(keys)}
         metrics["grad_norm"] = grad_norm
+        metrics["clipped"] = float(0 < clip < grad_norm)
         metrics["items"] = global_count
         metrics["tokens"] = totals[-1]
         if self.objective.reduction == "sum":
             metrics["loss_sum"] = loss_total
         return StepResult(step=self.step, metrics=metrics)
+
+    def clip_threshold(self, global_count: float) -> float:
+        """The step's clipping norm: grad_clip, times the global item count when clipping per
+        item of a summed loss (whose gradient grows with the tokens in the batch)."""
+        if self.grad_clip_per == "item" and self.objective.reduction == "sum":
+            return self.grad_clip * global_count
+        return self.grad_clip
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> list[StepResult]:
@@ -248,6 +264,7 @@ class Trainer:
             m["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         else:
             m["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        m.update(self.data.log_metrics(self.accelerator))
         self.accelerator.log(m, step=result.step + 1)
         if self.on_log is not None:
             self.on_log(StepResult(step=result.step, metrics=m))

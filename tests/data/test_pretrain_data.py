@@ -9,77 +9,32 @@ from __future__ import annotations
 import io
 import json
 import random
-import re
 import zlib
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 
 from bitnet_train.data.config import MixtureConfig, PretrainDataConfig, SourceConfig
 from bitnet_train.data.packing import DocumentPacker, collate_rows, frame_document
-from bitnet_train.data.pretrain import build_mixture, build_pretrain_stream
-from bitnet_train.data.tokenizer import train_demo_tokenizer
+from bitnet_train.data.pretrain import build_pretrain_stream
 from bitnet_train.errors import CheckpointError, ConfigError, DataError
 from bitnet_train.model import BitNetForCausalLM
 from tests.conftest import tiny_config
-
-WORDS = ("the value of a list is returned when the function is called with an "
-         "argument that names the file").split()
+from tests.data.pretrain_fixtures import (
+    data_config,
+    decode_documents,
+    demo_tokenizer,
+    doc_numbers,
+    make_source,
+    numbered_docs,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from pydoc_data.topics import topics
-
-    out = tmp_path_factory.mktemp("tok")
-    return train_demo_tokenizer((topics[k] for k in sorted(topics)), out, vocab_size=1024)
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def numbered_docs(tag: str, n: int, seed: int = 0) -> list[str]:
-    """Documents 'tag 0007: some words ...' of varied lengths (5..40 words)."""
-    rng = random.Random(seed)
-    return [f"{tag} {i:04d}: " + " ".join(rng.choices(WORDS, k=rng.randint(5, 40)))
-            for i in range(n)]
-
-
-def make_source(tmp_path: Path, tag: str, n: int, files: int = 1, **kw) -> SourceConfig:
-    docs = numbered_docs(tag, n, seed=zlib.crc32(tag.encode()))
-    for f in range(files):
-        write_jsonl(tmp_path / tag / f"part-{f}.jsonl",
-                    [{"text": t, "meta": i} for i, t in enumerate(docs) if i % files == f])
-    return SourceConfig(name=tag, path=str(tmp_path / tag), **kw)
-
-
-def data_config(*sources: SourceConfig, **kw) -> PretrainDataConfig:
-    kw.setdefault("seq_len", 32)
-    kw.setdefault("tokenize_batch_size", 5)
-    return PretrainDataConfig(stage1=MixtureConfig(sources=list(sources)), **kw)
-
-
-def decode_documents(batches: list[dict], tokenizer) -> list[str]:
-    """Texts of the framed documents in a stream of batches, in order (rows concatenated)."""
-    stream = torch.cat([b["input_ids"].flatten() for b in batches]).tolist()
-    docs, current = [], []
-    for t in stream:
-        if t == tokenizer.eos_token_id:
-            assert current[0] == tokenizer.bos_token_id, "every document starts with BOS"
-            docs.append(tokenizer.decode(current[1:], clean_up_tokenization_spaces=False))
-            current = []
-        else:
-            current.append(t)
-    return docs
-
-
-def doc_numbers(texts: list[str]) -> list[str]:
-    return [re.match(r"(\w+ \d{4}):", t).group(1) for t in texts]
+    return demo_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 # -- config -----------------------------------------------------------------------------------
@@ -101,21 +56,22 @@ def test_config_validation_names_the_key():
 
 
 @pytest.mark.parametrize("weights", [(3.0, 1.0), (1.0, 1.0, 2.0)])
-def test_mixture_weights_are_honoured(tmp_path, weights):
+def test_mixture_weights_are_honoured(tmp_path, tokenizer, weights):
     # Sources of very different sizes: the small ones repeat, proportions must not drift.
     sizes = (200, 30, 70)[: len(weights)]
     tags = ("alpha", "beta", "gamma")[: len(weights)]
     sources = [make_source(tmp_path, t, n, weight=w) for t, n, w in zip(tags, sizes, weights)]
-    ds = build_mixture(MixtureConfig(sources=sources), seed=1)
-    n = 4000
-    records = list(ds.take(n))
-    counts = Counter(r["source"] for r in records)
-    for i, (tag, w) in enumerate(zip(tags, weights)):
+    stream = build_pretrain_stream(data_config(*sources, seed=1, seq_len=256,
+                                               tokenize_batch_size=64), tokenizer)
+    stream.documents = []
+    n = 3000
+    while len(stream.documents) < n:
+        stream.next_rows(1)
+    counts = Counter(name for name, _ in stream.documents[:n])
+    for tag, w in zip(tags, weights):
         p = w / sum(weights)
         sigma = (p * (1 - p) / n) ** 0.5
-        assert abs(counts[i] / n - p) < 4 * sigma, (tag, counts[i] / n, p)
-    # each record carries its own source's text
-    assert all(r["text"].startswith(tags[r["source"]]) for r in records)
+        assert abs(counts[tag] / n - p) < 4 * sigma, (tag, counts[tag] / n, p)
 
 
 # -- packing (pure) ---------------------------------------------------------------------------
@@ -257,37 +213,42 @@ def test_stream_batches_follow_the_conventions(tmp_path, tokenizer):
     assert texts == expected[: len(texts)] and len(texts) > 10
 
 
-def test_prepared_arrow_copy_reads_like_the_stream(tmp_path, tokenizer, monkeypatch):
+def test_prepared_arrow_copy_reads_the_same_documents(tmp_path, tokenizer, monkeypatch):
+    # The Arrow copy has other shards (row groups, not files), hence another shard order, but
+    # the same documents in each epoch.
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
     src = make_source(tmp_path, "alpha", 40, files=2)
-    streamed, prepared = (
-        build_pretrain_stream(data_config(src, streaming=s), tokenizer, batch_size=2)
-        for s in (True, False))
-    for _ in range(8):
-        a, b = next(streamed), next(prepared)
-        assert torch.equal(a["input_ids"], b["input_ids"])
+    epochs = []
+    for streaming in (True, False):
+        stream = build_pretrain_stream(data_config(src, streaming=streaming), tokenizer,
+                                       batch_size=2)
+        numbers = doc_numbers(decode_documents([next(stream) for _ in range(30)], tokenizer))
+        epochs.append(numbers[:40])
+    assert len(set(epochs[0])) == 40 and set(epochs[0]) == set(epochs[1])
     assert any((tmp_path / "cache").iterdir())  # the copy went to the cache, not the home dir
 
 
 @pytest.mark.parametrize("files", [1, 4])
 def test_ranks_read_disjoint_shards_that_cover_the_data(tmp_path, tokenizer, files):
-    # 1 file: every other document of the common stream; 4 files: 2 whole files per rank.
+    # 1 file: every other document of the common stream; 4 files: 2 whole files per rank,
+    # other files in the next epoch (the shard order is reshuffled, the same on both ranks).
     n = 60
     src = make_source(tmp_path, "alpha", n, files=files)
     cfg = data_config(src)
-    seen = []
+    passes: list[list[set]] = []
     for rank in (0, 1):
         stream = build_pretrain_stream(cfg, tokenizer, rank=rank, world_size=2, batch_size=4)
         batches = [next(stream) for _ in range(40)]  # > 2 passes over the rank's share
         ids = doc_numbers(decode_documents(batches, tokenizer))
         first, second = ids[: n // 2], ids[n // 2: n]
-        assert len(set(first)) == n // 2  # a full pass over its share without repetition
-        assert second == first  # then it cycles over the same share
-        seen.append(set(first))
-    assert not seen[0] & seen[1]
-    assert seen[0] | seen[1] == {f"alpha {i:04d}" for i in range(n)}
+        assert len(set(first)) == n // 2 and len(set(second)) == n // 2  # no repeat in a pass
+        passes.append([set(first), set(second)])
+    everything = {f"alpha {i:04d}" for i in range(n)}
+    for epoch in (0, 1):
+        mine, theirs = passes[0][epoch], passes[1][epoch]
+        assert not mine & theirs and mine | theirs == everything
 
 
 @pytest.mark.parametrize("shuffle_buffer,rank,world_size", [(0, 0, 1), (8, 1, 2)])
@@ -325,7 +286,7 @@ def test_resume_survives_a_new_tokenize_batch_size(tmp_path, tokenizer):
     for _ in range(7):
         next(original)
     state = original.state_dict()
-    assert state["reader"]["consumed"] > 2  # the skip spans several of the new batches
+    assert state["sources"]["alpha"]["consumed"] > 2  # the skip spans several new batches
     resumed = build_pretrain_stream(data_config(src, tokenize_batch_size=2), tokenizer)
     resumed.load_state_dict(state)
     for _ in range(10):
@@ -362,7 +323,7 @@ def test_resume_with_dataloader_workers(tmp_path, tokenizer):
 
 def test_stage_two_reads_its_own_mixture(tmp_path, tokenizer):
     alpha, beta = make_source(tmp_path, "alpha", 20), make_source(tmp_path, "beta", 20)
-    cfg = data_config(alpha, stage2=MixtureConfig(sources=[beta]))
+    cfg = data_config(alpha, stage2=[beta])
     for stage, tag in ((1, "alpha"), (2, "beta")):
         stream = build_pretrain_stream(cfg, tokenizer, stage=stage, batch_size=2)
         texts = decode_documents([next(stream) for _ in range(4)], tokenizer)
