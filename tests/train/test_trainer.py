@@ -186,8 +186,10 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
         data=plan, checkpointer=Checkpointer(tmp_path / "ck", 2), total_steps=6, grad_accum=1,
         grad_clip=1.0, checkpoint_every=2, progress_bar=False,
     )
-    before = None
-    with pytest.raises(TrainingError, match=r"step 4.*step_00000004"):
+    # the 5th step (0-based 4) diverges: its loss was computed with the weights of step_4,
+    # so the newest checkpoint written before the divergence is step_2
+    with pytest.raises(TrainingError, match=r"diverged at step 5: non-finite loss.*"
+                                            r"step_00000002 \(checkpoints from step_00000004"):
         trainer.fit()
     before = {k: v.clone() for k, v in acc.unwrap_model(model).state_dict().items()}
     # the bad update was not applied: weights still equal step-4 checkpoint's
