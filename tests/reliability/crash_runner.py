@@ -170,8 +170,13 @@ def _steps_done(workdir: Path, launch: int) -> int:
     path = workdir / "losses.jsonl"
     if not path.exists():
         return 0
-    return sum(1 for line in path.read_text().splitlines()
-               if line and json.loads(line)["launch"] == launch)
+    done = 0
+    for line in path.read_text().splitlines():
+        try:
+            done += json.loads(line)["launch"] == launch
+        except json.JSONDecodeError:  # a line being written as we read
+            pass
+    return done
 
 
 def _launch(spec: dict, run_spec: dict, launch: int, kill: dict | None) -> str:
