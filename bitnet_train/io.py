@@ -115,7 +115,7 @@ def state_for_saving(
 
 
 @contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
+def atomic_directory(path: str | Path, expected_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to fill; on success it replaces `path` by a rename.
 
     A reader therefore sees the old complete directory, the new complete one, or (for the
@@ -134,7 +134,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         if isinstance(exc, BitNetTrainError) or not isinstance(exc, Exception):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        raise _write_error(path, tmp, exc) from exc
+        raise _write_error(path, tmp, exc, expected_bytes) from exc
     old = tmp.with_name(tmp.name.replace(".tmp-", ".old-")) if path.exists() else None
     if old is not None:
         os.replace(path, old)
@@ -148,14 +148,14 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_error(path: Path, tmp: Path, exc: Exception) -> WriteError:
+def _write_error(path: Path, tmp: Path, exc: Exception, needed: int | None) -> WriteError:
     """Remove the partial `tmp` and say why `path` could not be written, whichever library
     raised `exc` (torch, safetensors, tokenizers, gguf...)."""
     from bitnet_train.write_errors import describe_failure, free_bytes, tree_bytes
 
     free, staged = free_bytes(tmp), tree_bytes(tmp)
     shutil.rmtree(tmp, ignore_errors=True)
-    full, details = describe_failure(exc, None, free, staged)
+    full, details = describe_failure(exc, needed, free, staged)
     kept = "the previous version is intact" if path.exists() else "nothing was written"
     return WriteError(f"{'disk full' if full else 'write failed'} while writing {path} "
                       f"{details}; the partial copy was removed and {kept}")
@@ -187,7 +187,7 @@ def write_hf_directory(
 ) -> Path:
     """Atomically write config.json, model.safetensors, generation_config.json and the tokenizer."""
     path = Path(path)
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, sum(t.numel() * t.element_size() for t in tensors.values())) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
         (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})

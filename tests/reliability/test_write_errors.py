@@ -223,6 +223,9 @@ def test_final_write_error_names_the_directory_and_is_cleaned(assets, tmp_path, 
             run(cfg)
     final = tmp_path / "run" / "final"
     assert str(err.value).startswith(f"disk full while writing {final} (SafetensorError")
+    weights = sum(v.numel() * v.element_size() for k, v in reference.items()
+                  if k != "lm_head.weight")
+    assert f"it needs about {weights / 1e3:.2f} kB" in str(err.value)  # the tensors (tied head)
     assert not [p for p in final.parent.iterdir() if p.name.startswith(".final")]
     assert Checkpointer(final.parent / "checkpoints", 3).latest().name == "step_00000004"
     bio.save_file = orig
