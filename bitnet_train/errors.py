@@ -23,3 +23,18 @@ class TrainingError(BitNetTrainError, RuntimeError):
 
 class ExportError(BitNetTrainError, ValueError):
     """A model cannot be written in the requested format (and would be computed wrongly)."""
+
+
+class IntegrityError(CheckpointError):
+    """A file does not match the manifest written with it (truncated, bit-flipped, missing).
+
+    `file` is the damaged file (or the manifest itself when that is what is unreadable)."""
+
+    def __init__(self, message: str, file: str | None = None) -> None:
+        super().__init__(message)
+        self.file = file
+
+
+class WriteError(BitNetTrainError, OSError):
+    """A directory or file could not be written (disk full, quota, permissions...). The message
+    names the directory and the bytes needed; nothing half-written is left behind."""

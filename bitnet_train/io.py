@@ -30,7 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from bitnet_train.errors import CheckpointError
+from bitnet_train.errors import BitNetTrainError, CheckpointError, WriteError
+from bitnet_train.integrity import refuse_non_finite, verify_directory, write_manifest
 from bitnet_train.model.config import BitNetConfig
 from bitnet_train.model.modeling import BitNetForCausalLM, RotaryEmbedding
 
@@ -114,7 +115,7 @@ def state_for_saving(
 
 
 @contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
+def atomic_directory(path: str | Path, expected_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to fill; on success it replaces `path` by a rename.
 
     A reader therefore sees the old complete directory, the new complete one, or (for the
@@ -129,9 +130,11 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     tmp.mkdir()  # unlike tempfile.mkdtemp (mode 0700), honours the umask like the final dir
     try:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except BaseException as exc:
+        if isinstance(exc, BitNetTrainError) or not isinstance(exc, Exception):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        raise _write_error(path, tmp, exc, expected_bytes) from exc
     old = tmp.with_name(tmp.name.replace(".tmp-", ".old-")) if path.exists() else None
     if old is not None:
         os.replace(path, old)
@@ -145,6 +148,36 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _write_error(path: Path, tmp: Path, exc: Exception, needed: int | None) -> WriteError:
+    """Remove the partial `tmp` and say why `path` could not be written, whichever library
+    raised `exc` (torch, safetensors, tokenizers, gguf...)."""
+    from bitnet_train.write_errors import describe_failure, free_bytes, tree_bytes
+
+    free, staged = free_bytes(tmp), tree_bytes(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    full, details = describe_failure(exc, needed, free, staged)
+    kept = "the previous version is intact" if path.exists() else "nothing was written"
+    return WriteError(f"{'disk full' if full else 'write failed'} while writing {path} "
+                      f"{details}; the partial copy was removed and {kept}")
+
+
+def recover_atomic_directory(path: str | Path) -> list[Path]:
+    """Clean up after `atomic_directory(path)` calls that were killed; returns what was removed.
+
+    Killed while filling, they leave `.NAME.tmp-*`; killed between their two renames, `path`
+    is missing and `.NAME.old-*` holds the previous complete directory, which is put back.
+    Call it only where no other process writes `path` at the same time (e.g. at a run's start).
+    """
+    path = Path(path)
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not path.exists():
+        os.replace(olds.pop(), path)
+    removed = [*path.parent.glob(f".{path.name}.tmp-*"), *olds]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
 def write_hf_directory(
     path: str | Path,
     config_dict: dict[str, Any],
@@ -154,12 +187,13 @@ def write_hf_directory(
 ) -> Path:
     """Atomically write config.json, model.safetensors, generation_config.json and the tokenizer."""
     path = Path(path)
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, sum(t.numel() * t.element_size() for t in tensors.values())) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
         (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        write_manifest(tmp)  # last: sizes and SHA-256 of every file, checked by load_model
     return path
 
 
@@ -338,16 +372,22 @@ def load_model(
     (`bitnet_train.export.importers`); or a `.gguf` file written by our GGUF exporter. The model
     is returned in eval mode, in `dtype`, on `device`.
 
+    Files are checked against the integrity manifest written with them (`manifest.json`, or a
+    GGUF's `.manifest.json` sidecar) when there is one, and parameters must be finite.
+
     Raises:
         CheckpointError: missing files, or weights that do not match config.json (the message
-            names the first offending tensor and both shapes).
+            names the first offending tensor and both shapes), or a non-finite parameter.
+        IntegrityError: a file differs from its manifest (truncated, altered); names the file.
     """
     path = Path(path)
     if path.suffix == ".gguf":
         model, tokenizer = _import_gguf(path)
+        refuse_non_finite(model.named_parameters(), path)
         return model.to(device=device, dtype=dtype).eval(), tokenizer
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a model directory (config.json + safetensors)")
+    verify_directory(path)
     config_dict = read_config_dict(path)
     config = BitNetConfig.from_hf_dict(config_dict, name=path.name)
     info = read_tensor_info(path)
@@ -361,6 +401,7 @@ def load_model(
                      config.tie_word_embeddings, path)
         state = read_tensors(path)
     model = model_from_state(config, state, dtype=dtype, device=device, source=path)
+    refuse_non_finite(model.named_parameters(), path)
     return model, load_tokenizer_if_present(path)
 
 

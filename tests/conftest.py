@@ -30,6 +30,16 @@ def tiny_config(**overrides) -> BitNetConfig:
     return BitNetConfig(**kw)
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a torchrun rendezvous (fixed ports collide when
+    suites run side by side)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture
 def tiny_cfg() -> BitNetConfig:
     return tiny_config()

@@ -33,7 +33,7 @@ def ids() -> torch.Tensor:
 
 def test_layout(saved, model):
     assert sorted(p.name for p in saved.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors"]
+        "config.json", "generation_config.json", "manifest.json", "model.safetensors"]
     cfg = json.loads((saved / "config.json").read_text())
     assert cfg["quantization_config"] == {
         "quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"}

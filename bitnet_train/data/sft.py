@@ -62,6 +62,8 @@ class ChatDataConfig:
     def __post_init__(self) -> None:
         if self.max_len < 2:
             raise ConfigError(f"data.max_len={self.max_len} must be >= 2")
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ConfigError(f"data.num_proc={self.num_proc} must be >= 1 (or null: this process)")
         if self.on_bad_record not in BAD_RECORD_MODES:
             raise ConfigError(f"data.on_bad_record={self.on_bad_record!r}; choose error or skip")
 

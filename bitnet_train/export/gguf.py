@@ -33,7 +33,6 @@ subclass of its reader that keeps them as raw bytes.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +73,7 @@ from bitnet_train.export.gguf_vocab import (
 )
 from bitnet_train.export.importers import master_weight
 from bitnet_train.export.ternary import extract_ternary
+from bitnet_train.integrity import publish_file, verify_file
 from bitnet_train.model.config import BitNetConfig
 from bitnet_train.model.modeling import BitNetForCausalLM
 
@@ -230,8 +230,7 @@ def export_gguf(model: Any, tokenizer: Any, out_path: str | Path, quant: str,
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    os.replace(tmp, out_path)
-    return out_path
+    return publish_file(tmp, out_path)  # rename, then the sidecar manifest import_gguf checks
 
 
 def _write_hparams(writer: GGUFWriter, config: BitNetConfig, quant: str) -> None:
@@ -341,6 +340,7 @@ def import_gguf(path: str | Path) -> tuple[Any, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"GGUF file {path} does not exist")
+    verify_file(path)
     try:
         reader = _BitNetCppReader(path)
     except (ValueError, KeyError) as exc:

@@ -50,6 +50,7 @@ from torch import Tensor
 
 from bitnet_train.errors import CheckpointError, ExportError
 from bitnet_train.export.ternary import TernaryTensor, extract_ternary
+from bitnet_train.integrity import invalidate_manifest, verify_directory, write_manifest
 from bitnet_train.model.config import BitNetConfig
 
 logger = logging.getLogger(__name__)
@@ -203,11 +204,13 @@ def export_gpu(model: Any, out_dir: str | Path) -> Path:
         )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    invalidate_manifest(out_dir)  # no manifest may describe files while they are replaced
     for fname, obj in ((INT2_FILE, int2), (FP16_FILE, fp16)):
         tmp = out_dir / f".{fname}.tmp"  # renamed when complete: never a torn file
         torch.save(obj, tmp)
         os.replace(tmp, out_dir / fname)
     (out_dir / CONFIG_FILE).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+    write_manifest(out_dir, [INT2_FILE, FP16_FILE, CONFIG_FILE])
     return out_dir
 
 
@@ -228,6 +231,7 @@ def read_gpu_checkpoint(out_dir: str | Path) -> dict[str, TernaryTensor | Tensor
     for fname in (INT2_FILE, CONFIG_FILE):
         if not (out_dir / fname).is_file():
             raise CheckpointError(f"{out_dir / fname} is missing: not a GPU checkpoint of ours")
+    verify_directory(out_dir)
     config = BitNetConfig.from_hf_dict(json.loads((out_dir / CONFIG_FILE).read_text()))
     state = torch.load(out_dir / INT2_FILE, map_location="cpu", weights_only=True)
     heads = _head_counts(config)

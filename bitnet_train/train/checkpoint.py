@@ -5,12 +5,17 @@ Layout under `root`::
     step_00000100/            a whole checkpoint: what write_fn wrote, metadata.json, COMPLETE
     step_00000200/
     .tmp-step_00000300/       a save in progress (or the leftover of a crashed one)
+    step_00000400.damaged/    a checkpoint that failed verification, moved aside on resume
 
 `Checkpointer.save` writes into a hidden temporary directory, fsyncs every file, writes the
 `COMPLETE` marker last, then renames the directory to `step_XXXXXXXX` (a rename within one
 filesystem is atomic). A checkpoint is whole iff its name is `step_<digits>` and it holds
 `COMPLETE`; everything else is ignored by `latest()` / `all()`. What goes inside (accelerate's
 `save_state`, data position, tokenizer) is the trainer's business: it passes `write_fn`.
+COMPLETE holds the integrity manifest of every other file (size and SHA-256,
+`bitnet_train.integrity`); `verify` checks it and `newest_intact` finds the newest checkpoint
+that passes. `commit_async` does the fsyncs, the hashing and the publication on a background
+thread, so training continues meanwhile.
 One run saves into a root at a time (the main process publishes; see `Checkpointer.save` for
 payloads that several ranks write).
 """
@@ -18,24 +23,30 @@ payloads that several ranks write).
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import json
+import logging
 import os
 import re
 import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bitnet_train.errors import CheckpointError, ConfigError, TrainingError
+from bitnet_train.errors import CheckpointError, ConfigError, IntegrityError, TrainingError
+from bitnet_train.integrity import build_manifest, manifest_text, parse_manifest, verify_manifest
+from bitnet_train.write_errors import describe_failure, free_bytes, tree_bytes
+
+log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 METADATA = "metadata.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
+DAMAGED_SUFFIX = ".damaged"
 # Keys of a transformers config dict that do not change the model's function or shapes.
 _IGNORED_CONFIG_KEYS = frozenset(
     {"initializer_range", "use_cache", "torch_dtype", "dtype", "transformers_version"}
@@ -55,6 +66,8 @@ class Checkpointer:
             raise ConfigError(f"trainer.keep_last must be >= 0 (0 keeps all), got {keep_last}")
         self.root = Path(root)
         self.keep_last = keep_last
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
 
     # -- writing ------------------------------------------------------------------------------
     def save(self, step: int, write_fn: Callable[[Path], None], metadata: dict[str, Any]) -> Path:
@@ -77,7 +90,9 @@ class Checkpointer:
         return self.root / f"{_TMP_PREFIX}{step_dir_name(step)}"
 
     def begin(self, step: int) -> Path:
-        """Create an empty staging directory for `step` (removing leftovers of crashed saves)."""
+        """Create an empty staging directory for `step` (removing leftovers of crashed saves).
+        Waits for a commit still running in the background (and raises its failure)."""
+        self.wait()
         with self._cleanup_on_error(step):
             self.root.mkdir(parents=True, exist_ok=True)
             self.cleanup_torn()  # we are the only writer: any .tmp dir is a crash's leftover
@@ -85,10 +100,11 @@ class Checkpointer:
             tmp.mkdir()
         return tmp
 
-    def commit(self, step: int, metadata: dict[str, Any]) -> Path:
+    def commit(self, step: int, metadata: dict[str, Any], prune: bool = True) -> Path:
         """Finish `step`'s staging dir: metadata.json (`metadata` plus `step`, `time` in UTC ISO
-        8601, `git_revision`), fsync of every file, COMPLETE last, rename to step_XXXXXXXX
-        (replacing an older dir of that name only once the new one is whole), then prune."""
+        8601, `git_revision`), fsync of every file, COMPLETE last holding the manifest of every
+        file, rename to step_XXXXXXXX (replacing an older dir of that name only once the new one
+        is whole), then prune (unless `prune` is False)."""
         tmp, final = self.staging_dir(step), self.root / step_dir_name(step)
         with self._cleanup_on_error(step):
             if not tmp.is_dir():
@@ -96,11 +112,28 @@ class Checkpointer:
             meta = {**metadata, "step": step, "time": _utc_now(), "git_revision": _git_revision()}
             (tmp / METADATA).write_text(json.dumps(meta, indent=2, default=str))
             _fsync_tree(tmp)
-            _write_synced(tmp / COMPLETE, f"{step}\n")  # last: its presence vouches for the rest
+            manifest = build_manifest(tmp, exclude=(COMPLETE,))  # hashes what is on disk now
+            # last: its presence vouches for the rest, its content says for which bytes
+            _write_synced(tmp / COMPLETE, manifest_text(manifest))
             _fsync_dir(tmp)
             self._publish(tmp, final)
-        self.prune()
+        if prune:
+            self.prune()
         return final
+
+    def commit_async(self, step: int, metadata: dict[str, Any], prune: bool = True) -> None:
+        """`commit` on a background thread: fsync, hashing and publication overlap the next
+        training steps. `wait()` (called by the next `begin`) joins it and raises its failure;
+        a kill meanwhile leaves a .tmp dir, which is never taken for a checkpoint."""
+        self.wait()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-commit")
+        self._pending = self._executor.submit(self.commit, step, metadata, prune)
+
+    def wait(self) -> Path | None:
+        """Join the background commit, if any: its checkpoint path, or its TrainingError."""
+        pending, self._pending = self._pending, None
+        return pending.result() if pending is not None else None
 
     def abort(self, step: int) -> None:
         """Drop `step`'s staging directory (a failed multi-process write)."""
@@ -113,24 +146,44 @@ class Checkpointer:
         try:
             yield
         except BaseException as exc:
-            self.abort(step)
             if not isinstance(exc, Exception):
+                self.abort(step)
                 raise
-            previous = self.latest()
-            kept = (
-                f"the previous checkpoint {previous} is intact"
-                if previous
-                else "no earlier checkpoint exists"
+            raise self.write_failure(step, exc) from exc
+
+    def write_failure(self, step: int, exc: BaseException,
+                      needed_bytes: int | None = None) -> TrainingError:
+        """Remove `step`'s staging dir and return the TrainingError to raise for `exc`, any
+        write error from any library: it says whether the disk is full, names the directory,
+        the bytes a checkpoint needs (the previous checkpoint's size, else `needed_bytes`) and
+        the free space when the write failed, and that the previous checkpoint is intact."""
+        staging = self.staging_dir(step)
+        free, staged = free_bytes(self.root), tree_bytes(staging)  # before the cleanup frees it
+        self.abort(step)
+        previous = self.latest()
+        kept = (f"the previous checkpoint {previous} is intact" if previous
+                else "no earlier checkpoint exists")
+        needed = self.expected_bytes() or needed_bytes
+        full, details = describe_failure(exc, needed, free, staged)
+        if full:
+            return TrainingError(
+                f"disk full while writing checkpoint step {step} to {self.root} {details}. The "
+                f"partial checkpoint {staging.name} was removed; {kept}. Free space or lower "
+                "trainer.keep_last, then resume with trainer.resume=auto."
             )
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise TrainingError(
-                    f"disk full while writing checkpoint step {step} to {self.root}: free space "
-                    f"or lower trainer.keep_last; {kept}"
-                ) from exc
-            raise TrainingError(
-                f"writing checkpoint step {step} to {self.root} failed "
-                f"({type(exc).__name__}: {exc}); nothing was kept for this step; {kept}"
-            ) from exc
+        return TrainingError(
+            f"writing checkpoint step {step} to {self.root} failed {details}. The partial "
+            f"checkpoint {staging.name} was removed and nothing was kept for this step; {kept}."
+        )
+
+    def expected_bytes(self) -> int | None:
+        """Bytes of the newest whole checkpoint, from its manifest (None if unknown)."""
+        latest = self.latest()
+        try:
+            manifest = read_manifest(latest) if latest else None
+        except (IntegrityError, OSError):
+            return None
+        return manifest["total_bytes"] if manifest else None
 
     def _publish(self, tmp: Path, final: Path) -> None:
         """Rename `tmp` to `final`, replacing an older directory of the same name if any."""
@@ -156,10 +209,11 @@ class Checkpointer:
             return []
         doomed = whole[: -self.keep_last]
         for path in doomed:
-            # Remove COMPLETE first: a prune interrupted midway then leaves an ignored dir,
-            # never a "whole" checkpoint with missing files.
-            (path / COMPLETE).unlink(missing_ok=True)
-            shutil.rmtree(path, ignore_errors=True)
+            # Rename first: a prune killed midway then leaves a .tmp dir (removed by the next
+            # begin), never a "whole" checkpoint with missing files.
+            trash = self.root / f"{_TMP_PREFIX}pruned-{path.name}"
+            os.rename(path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
         return doomed
 
     def cleanup_torn(self) -> list[Path]:
@@ -188,6 +242,36 @@ class Checkpointer:
         whole = self.all()
         return whole[-1] if whole else None
 
+    def newest_intact(self) -> tuple[Path | None, list[tuple[Path, IntegrityError]]]:
+        """(the newest whole checkpoint that passes `verify`, or None; the newer ones that
+        failed, newest first, each with the error naming its damaged file)."""
+        damaged: list[tuple[Path, IntegrityError]] = []
+        for path in reversed(self.all()):
+            try:
+                verify(path)
+            except IntegrityError as err:
+                damaged.append((path, err))
+                continue
+            return path, damaged
+        return None, damaged
+
+    def quarantine(self, path: str | Path) -> Path:
+        """Rename a damaged checkpoint to `step_XXXXXXXX.damaged` (ignored, never pruned)."""
+        path = Path(path)
+        target = path.with_name(path.name + DAMAGED_SUFFIX)
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(path, target)
+        return target
+
+    @staticmethod
+    def step_of(path: str | Path) -> int:
+        """The step of a checkpoint directory named step_XXXXXXXX."""
+        m = _STEP_DIR.match(Path(path).name)
+        if not m:
+            raise CheckpointError(f"{path} is not named step_<digits>")
+        return int(m.group(1))
+
     @staticmethod
     def load_metadata(path: str | Path) -> dict[str, Any]:
         return load_metadata(path)
@@ -195,6 +279,26 @@ class Checkpointer:
     @staticmethod
     def check_compatible(path: str | Path, model_config: dict[str, Any]) -> None:
         check_compatible(path, model_config)
+
+
+def read_manifest(path: str | Path) -> dict[str, Any] | None:
+    """The integrity manifest in checkpoint `path`'s COMPLETE marker; None for a checkpoint
+    written before markers carried one (its marker holds just the step)."""
+    marker = Path(path) / COMPLETE
+    text = marker.read_text(errors="replace")
+    if text.strip().isdigit():
+        return None
+    return parse_manifest(text, marker)
+
+
+def verify(path: str | Path) -> None:
+    """Raise IntegrityError naming the first file of checkpoint `path` that is missing,
+    truncated or altered since it was written (sizes are all checked before any hash)."""
+    manifest = read_manifest(path)
+    if manifest is None:
+        log.warning("%s predates integrity manifests: it is used unverified", path)
+        return
+    verify_manifest(path, manifest)
 
 
 def load_metadata(path: str | Path) -> dict[str, Any]:

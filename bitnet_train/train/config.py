@@ -9,6 +9,7 @@ into plain dataclasses: nothing downstream reads Hydra objects.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,8 @@ class OptimConfig:
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
         if self.grad_clip_per not in ("step", "item"):
             raise ConfigError(f"optim.grad_clip_per={self.grad_clip_per!r}; choose step or item")
+        check_number("optim.grad_clip", self.grad_clip, low=0.0, note="0 disables clipping")
+        check_number("optim.eps", self.eps, low=0.0, strict=True)
 
 
 @dataclass
@@ -94,6 +97,7 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.liger_chunk_mem={self.liger_chunk_mem}: must be >= 1")
         if self.loss_impl not in ("auto", "liger", "torch"):
             raise ConfigError(f"objective.loss_impl={self.loss_impl!r}; choose auto, liger, torch")
+        check_number("objective.beta", self.beta, low=0.0, strict=True)
 
 
 @dataclass
@@ -137,8 +141,30 @@ class TrainerConfig:
     peak_tflops: float = 0.0
     """Accelerator bf16 dense peak for the MFU estimate; 0: guess from the device name."""
     progress_bar: bool = True
+    on_divergence: str = "stop"
+    """What a diverging step does (a non-finite loss or grad norm, or a spike, see
+    divergence_sigma); its update is never applied. stop: raise, naming the step and the newest
+    checkpoint written before the divergence began | skip: skip the update (the batch is used
+    up), count it (metric skipped_steps) and continue; stop after divergence_max_skips in a row."""
+    divergence_sigma: float = 6.0
+    """A loss or grad norm more than this many standard deviations above the mean of the last
+    divergence_window accepted steps is a spike. 0: only non-finite values count."""
+    divergence_window: int = 128
+    """Accepted steps the spike statistics cover; spikes are judged once half of it is filled."""
+    divergence_max_skips: int = 10
+    """With on_divergence=skip: consecutive skipped updates after which the run stops."""
 
     def __post_init__(self) -> None:
+        # intervals and counts, each with what its smallest value means
+        for key, low, note in (("log_every", 1, ""), ("checkpoint_every", 0, "0: only at the end"),
+                               ("keep_last", 0, "0 keeps all"), ("eval_every", 0, "0: off"),
+                               ("divergence_window", 2, ""), ("divergence_max_skips", 1, "")):
+            check_number(f"trainer.{key}", getattr(self, key), low=low, note=note)
+        check_number("trainer.peak_tflops", self.peak_tflops, low=0.0, note="0: guess")
+        check_number("trainer.divergence_sigma", self.divergence_sigma, low=0.0,
+                     note="0: only non-finite values count")
+        if self.on_divergence not in ("stop", "skip"):
+            raise ConfigError(f"trainer.on_divergence={self.on_divergence!r}: stop|skip")
         if self.max_steps < 0 or self.epochs < 0:
             raise ConfigError("trainer.max_steps and trainer.epochs must be >= 0")
         if self.global_batch_tokens < 0:
@@ -225,7 +251,36 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
                                                                 if k not in ("data", "hydra")})
     out: TrainConfig = OmegaConf.to_object(rest)  # runs each __post_init__ validation
     out.data = data
+    check_across_sections(out)
     return out
+
+
+def check_number(key: str, value: float, low: float, strict: bool = False,
+                 note: str = "") -> None:
+    """ConfigError naming `key` unless `value` is a finite number >= `low` (> when strict)."""
+    ok = isinstance(value, int | float) and math.isfinite(value) and (
+        value > low if strict else value >= low)
+    if not ok:
+        bound = f"{'>' if strict else '>='} {low}"
+        raise ConfigError(f"{key}={value} must be a finite number {bound}"
+                          f"{f' ({note})' if note else ''}")
+
+
+def check_across_sections(cfg: TrainConfig) -> None:
+    """Bounds that tie two sections together, named by key: sequence lengths within the
+    model's positions, and a seed that every RNG accepts."""
+    if not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed={cfg.seed} must be an integer in [0, 2**32) (numpy's range)")
+    length_key = "data.seq_len" if hasattr(cfg.data, "seq_len") else "data.max_len"
+    length = getattr(cfg.data, length_key.split(".")[1], None)
+    limit = cfg.model.max_position_embeddings
+    if length is not None and length > limit:
+        raise ConfigError(
+            f"{length_key}={length} exceeds model.max_position_embeddings={limit}: rows longer "
+            "than the positions the model declares would train positions that exported configs "
+            f"and engines do not allow. Lower {length_key} or raise "
+            "model.max_position_embeddings."
+        )
 
 
 def config_dir() -> Path:

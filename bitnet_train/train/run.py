@@ -19,14 +19,16 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from omegaconf import DictConfig, OmegaConf
 
 from bitnet_train.errors import CheckpointError, ConfigError
+from bitnet_train.integrity import refuse_non_finite
 from bitnet_train.model import BitNetConfig, BitNetForCausalLM, build_model
-from bitnet_train.train.checkpoint import Checkpointer
+from bitnet_train.train.checkpoint import Checkpointer, verify
 from bitnet_train.train.config import ModelSection, TrainConfig, to_train_config
 from bitnet_train.train.data_plan import build_batch_plan
+from bitnet_train.train.divergence import DivergenceGuard
 from bitnet_train.train.objectives.dpo import DPOObjective, make_reference
 from bitnet_train.train.objectives.language_model import LanguageModelObjective
 from bitnet_train.train.parallelize import parallelize
@@ -152,16 +154,12 @@ def resolve_output_dir(cfg: TrainConfig) -> Path:
 def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
     """Train `cfg` to the end and save DIR/final with `save_model`."""
     from bitnet_train.data.tokenizer import load_tokenizer
-    from bitnet_train.io import save_model
+    from bitnet_train.io import recover_atomic_directory, save_model
 
     output_dir = resolve_output_dir(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = build_accelerator(cfg, output_dir)
     set_seed(cfg.seed)
-    if accelerator.is_main_process:
-        (output_dir / "config.yaml").write_text(resolved_yaml or json.dumps(
-            dataclasses.asdict(cfg), default=str, indent=2))
-        log.info("run %s at git %s in %s", cfg.run_name, _git_revision(), output_dir)
 
     tokenizer = load_tokenizer(cfg.tokenizer)
     if cfg.objective.name in ("sft", "dpo") and not tokenizer.chat_template:
@@ -206,10 +204,6 @@ def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
 
-    if accelerator.is_main_process and cfg.logger.tracker != "none":
-        accelerator.init_trackers(cfg.logger.project, config=_flat_config(cfg))
-        if getattr(plan, "counts", None):
-            accelerator.log(plan.counts, step=0)
     trainer = Trainer(
         accelerator=accelerator, model=model, objective=objective, optimizer=optimizer,
         schedule=cfg.schedule, data=plan, checkpointer=checkpointer, total_steps=total_steps,
@@ -220,8 +214,22 @@ def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
                              "objective": cfg.objective.name},
         flops_per_token=flops_per_token(unwrapped.config, seq_len), peak_tflops=peak,
         progress_bar=cfg.trainer.progress_bar, grad_clip_per=cfg.optim.grad_clip_per,
+        divergence=DivergenceGuard(cfg.trainer.on_divergence, cfg.trainer.divergence_sigma,
+                                   cfg.trainer.divergence_window, cfg.trainer.divergence_max_skips),
     )
     _maybe_resume(trainer, cfg, checkpointer, unwrapped)
+    # Only now, with the relaunch accepted, does anything under output_dir change: a refused
+    # one (another model shape, damaged checkpoints) leaves the run directory as it was.
+    if accelerator.is_main_process:
+        log.info("run %s at git %s in %s", cfg.run_name, _git_revision(), output_dir)
+        (output_dir / "config.yaml").write_text(resolved_yaml or json.dumps(
+            dataclasses.asdict(cfg), default=str, indent=2))
+        for leftover in recover_atomic_directory(output_dir / "final"):
+            log.info("removed %s, left by a write of final/ that was killed", leftover)
+        if cfg.logger.tracker != "none":
+            accelerator.init_trackers(cfg.logger.project, config=_flat_config(cfg))
+            if getattr(plan, "counts", None):
+                accelerator.log(plan.counts, step=0)
     trainer.fit()
     final_dir = output_dir / "final"
     if accelerator.is_main_process:
@@ -235,17 +243,48 @@ def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
 
 def _maybe_resume(trainer: Trainer, cfg: TrainConfig, checkpointer: Checkpointer,
                   model: BitNetForCausalLM) -> None:
+    """Continue from the newest intact checkpoint (resume=auto) or the one named.
+
+    The main process verifies the integrity manifests and tells every rank its choice. A
+    damaged newest checkpoint is named with its damaged file and skipped for the previous whole
+    one; once the resume is accepted it is moved aside to step_XXXXXXXX.damaged. Nothing on
+    disk changes before that: a refused resume leaves the run directory as it was.
+    """
     mode = cfg.trainer.resume
     if mode == "never":
         return
-    path = checkpointer.latest() if mode == "auto" else Path(mode)
-    if path is None:
-        return
-    if mode != "auto" and not (path / "COMPLETE").exists():
-        raise CheckpointError(f"trainer.resume={mode}: not a complete checkpoint (no COMPLETE)")
+    acc = trainer.accelerator
+    damaged: list = []
+    if mode == "auto":
+        found = checkpointer.newest_intact() if acc.is_main_process else None
+        path, damaged = broadcast_object_list([found])[0]
+        for bad, err in damaged:
+            log.error("checkpoint %s is damaged: %s", bad, err)
+        if path is None and damaged:
+            raise CheckpointError(
+                f"every checkpoint under {checkpointer.root} failed verification (newest "
+                f"first: {'; '.join(str(e) for _, e in damaged)}). Nothing was changed. Restore "
+                "the files, or start over with trainer.resume=never and a new output_dir."
+            )
+        if path is None:
+            return
+        if damaged:
+            log.warning("falling back to %s, the newest checkpoint that verifies", path)
+    else:
+        path = Path(mode)
+        if not (path / "COMPLETE").exists():
+            raise CheckpointError(
+                f"trainer.resume={mode}: not a complete checkpoint (no COMPLETE)")
+        if acc.is_main_process:
+            verify(path)
     checkpointer.check_compatible(path, model.config.to_hf_dict())
     log.info("resuming from %s", path)
     trainer.load_checkpoint(path)
+    refuse_non_finite(model.named_parameters(), path)
+    if acc.is_main_process:
+        for bad, _ in damaged:
+            log.warning("moved the damaged checkpoint aside to %s; delete it once inspected",
+                        checkpointer.quarantine(bad))
 
 
 def _guess_peak_tflops() -> float:

@@ -2,7 +2,8 @@
 
     fit() -> for each optimizer step: apply_schedule -> train_step -> log -> maybe checkpoint
     train_step() -> fetch the step's micro-batches -> all-reduce their item count ->
-                    forward_backward each (no DDP sync but on the last) -> clip -> optimizer step
+                    forward_backward each (no DDP sync but on the last) -> clip ->
+                    divergence check (stop, or skip the update) -> optimizer step
 
 The loss scaling lives here, once: a micro-batch's loss sum is multiplied by
 `world_size / global_count` (reduction mean) or `world_size` (reduction sum). DDP averages
@@ -27,8 +28,9 @@ from torch import Tensor, nn
 
 from bitnet_train.errors import CheckpointError, TrainingError
 from bitnet_train.train.checkpoint import Checkpointer
+from bitnet_train.train.divergence import DivergenceGuard
 from bitnet_train.train.objectives.base import Objective
-from bitnet_train.train.schedules import ScheduleConfig, apply_schedule
+from bitnet_train.train.schedules import ScheduleConfig, apply_schedule, stage_at
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,7 @@ class Trainer:
     schedule: ScheduleConfig
     data: BatchPlan
     checkpointer: Checkpointer
+    divergence: DivergenceGuard
     total_steps: int
     step: int
 
@@ -97,6 +100,7 @@ class Trainer:
         progress_bar: bool = True,
         on_log: Callable[[StepResult], None] | None = None,
         grad_clip_per: str = "step",
+        divergence: DivergenceGuard | None = None,
     ) -> None:
         self.accelerator = accelerator
         self.model = model
@@ -117,6 +121,7 @@ class Trainer:
         self.peak_tflops = peak_tflops
         self.progress_bar = progress_bar
         self.on_log = on_log
+        self.divergence = divergence or DivergenceGuard()
         self.step = 0
         self.history: list[StepResult] = []
         self.last_checkpoint: str | None = None
@@ -188,25 +193,22 @@ class Trainer:
                 f"step {self.step}: no item in the global batch carries a label (every label "
                 "is -100); check the data's masking and max_len"
             )
-        if not math.isfinite(loss_total):
-            self.optimizer.zero_grad(set_to_none=True)
-            where = self.last_checkpoint or "none written yet"
-            raise TrainingError(
-                f"non-finite loss ({loss_total}) at step {self.step}; the update was not applied. "
-                f"Last good checkpoint: {where}. Lower the learning rate or inspect the data of "
-                "this step, then resume with trainer.resume=auto."
-            )
-        if not self._gradients_checked:
+        if not self._gradients_checked and math.isfinite(loss_total):
+            # a finite loss with missing or poisoned gradients: name the parameters
             check_gradients(self.accelerator.unwrap_model(self.model), self.step)
             self._gradients_checked = True
+        # a non-finite or spiking loss / grad norm is judged before the update (divergence.py)
+        skip = self._check_divergence(loss_total / global_count, grad_norm)
         clip = self.clip_threshold(global_count)
-        if clip > 0:  # with the norm already computed: no second pass, no sync
-            torch.nn.utils.clip_grads_with_norm_(params, clip, total_norm)
-        self.optimizer.step()
+        if not skip:
+            if clip > 0:  # with the norm already computed: no second pass, no sync
+                torch.nn.utils.clip_grads_with_norm_(params, clip, total_norm)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {k: totals[i] / global_count for i, k in enumerate(keys)}
         metrics["grad_norm"] = grad_norm
-        metrics["clipped"] = float(0 < clip < grad_norm)
+        metrics["clipped"] = float(not skip and 0 < clip < grad_norm)
+        metrics["skipped_steps"] = float(self.divergence.skipped)
         metrics["items"] = global_count
         metrics["tokens"] = totals[-1]
         if self.objective.reduction == "sum":
@@ -219,6 +221,63 @@ class Trainer:
         if self.grad_clip_per == "item" and self.objective.reduction == "sum":
             return self.grad_clip * global_count
         return self.grad_clip
+
+    # -- divergence -------------------------------------------------------------------------
+    def _check_divergence(self, loss: float, grad_norm: float) -> bool:
+        """Judge this step before its update (train/divergence.py): False applies it, True skips
+        it (trainer.on_divergence=skip); a divergence it may not skip raises TrainingError.
+        Uses the loss and grad norm the step has already brought to the host: no extra sync."""
+        guard = self.divergence
+        if self.step > 0 and (stage_at(self.step, self.total_steps, self.schedule)
+                              != stage_at(self.step - 1, self.total_steps, self.schedule)):
+            guard.reset_history()  # new LR stage (and data mixture): a new normal
+        verdict = guard.observe(self.step, loss, grad_norm)
+        if verdict == "ok":
+            return False
+        if verdict == "skip":
+            if self.accelerator.is_main_process:
+                log.warning("step %d: %s; update skipped (%d in a row, at most %d; %d in this "
+                            "run)", self.step + 1, guard.last.describe(), guard.consecutive,
+                            guard.max_skips, guard.skipped)
+            return True
+        self.optimizer.zero_grad(set_to_none=True)
+        raise self._divergence_error()
+
+    def _divergence_error(self) -> TrainingError:
+        """The stop message: the step (numbered as the log numbers them), why, and the newest
+        checkpoint written before the divergence began."""
+        guard, ckpt, acc = self.divergence, self.checkpointer, self.accelerator
+        if acc.is_main_process:
+            try:
+                ckpt.wait()  # a checkpoint still being published may be the one to name
+            except TrainingError as exc:
+                log.error("%s", exc)
+        acc.wait_for_everyone()
+        began = guard.began if guard.began is not None else self.step
+        trusted = guard.trusted_up_to(self.step)
+        good = [p for p in ckpt.all() if ckpt.step_of(p) <= trusted]
+        what = f"training diverged at step {self.step + 1}: {guard.last.describe()}"
+        if began != self.step:
+            what += (f"; it began at step {began + 1} and the {guard.consecutive} updates since "
+                     f"were skipped (trainer.divergence_max_skips={guard.max_skips})")
+        why = (f"checkpoints from step_{trusted + 1:08d} on hold the weights whose loss "
+               f"diverged" if guard.suspect else "")
+        if good:
+            where = (f"Newest checkpoint written before the divergence began: {good[-1]}"
+                     f"{f' ({why})' if why else ''}. Resume from it with "
+                     f"trainer.resume={good[-1]}")
+        else:
+            where = (f"No checkpoint written before the divergence began is left "
+                     f"(trainer.keep_last={ckpt.keep_last}){f'; {why}' if why else ''}. "
+                     "Restart")
+        steps = (f"step {began + 1}" if began == self.step
+                 else f"steps {began + 1}-{self.step + 1}")
+        return TrainingError(
+            f"{what}. The update was not applied. {where} after lowering the learning rate or "
+            f"leaving out the data of {steps}; or set "
+            "trainer.on_divergence=skip to skip such steps (trainer.divergence_sigma sets the "
+            "spike threshold)."
+        )
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> list[StepResult]:
@@ -251,6 +310,8 @@ class Trainer:
         bar.close()
         if not self.last_checkpoint or not self.last_checkpoint.endswith(f"{self.step:08d}"):
             self.save_checkpoint()
+        if self.accelerator.is_main_process:
+            self.checkpointer.wait()  # the last checkpoint is published when fit returns
         return self.history
 
     def _log(self, result: StepResult, tokens_per_s: float) -> None:
@@ -274,7 +335,7 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
-        return {"step": self.step}
+        return {"step": self.step, "divergence": self.divergence.state_dict()}
 
     def save_checkpoint(self) -> str:
         """Accelerate state (model, optimizer, every rank's RNG) + data position, atomically.
@@ -285,9 +346,13 @@ class Trainer:
         """
         acc = self.accelerator
         ckpt = self.checkpointer
-        if acc.is_main_process:
-            ckpt.begin(self.step)
-        acc.wait_for_everyone()
+        error: Exception | None = None
+        try:
+            if acc.is_main_process:
+                ckpt.begin(self.step)  # joins the previous background commit
+        except Exception as exc:  # noqa: BLE001 - every rank must learn of it (below)
+            error = exc
+        self._raise_if_any_failed(error)
         staging = ckpt.staging_dir(self.step)
         try:
             acc.save_state(str(staging))
@@ -297,29 +362,61 @@ class Trainer:
                 torch.save(self.trainer_state(), staging / "trainer_state.pt")
                 if self.save_extra is not None:
                     self.save_extra(staging)
-        except OSError as exc:
-            if acc.is_main_process:
-                ckpt.abort(self.step)
-            raise TrainingError(
-                f"could not write checkpoint step {self.step} to {ckpt.root}: {exc}. "
-                f"Previous checkpoint: {self.last_checkpoint or 'none'} (intact). Free space or "
-                "lower trainer.keep_last, then resume with trainer.resume=auto."
-            ) from exc
-        acc.wait_for_everyone()
-        path = None
+        except Exception as exc:  # noqa: BLE001 - any library's write error, named below
+            error = exc
+        self._raise_if_any_failed(error)
         if acc.is_main_process:
+            # fsync, hashing (integrity manifest) and the rename run while the next steps
+            # train; a checkpoint written during a divergence prunes nothing older
             meta = dict(self.checkpoint_metadata, step=self.step)
-            path = str(ckpt.commit(self.step, meta))
-            log.info("checkpoint %s", path)
-        acc.wait_for_everyone()
-        self.last_checkpoint = path or str(ckpt.root / f"step_{self.step:08d}")
+            ckpt.commit_async(self.step, meta, prune=self.divergence.began is None)
+            log.info("checkpoint step %d written; publishing %s", self.step,
+                     ckpt.root / f"step_{self.step:08d}")
+        self.last_checkpoint = str(ckpt.root / f"step_{self.step:08d}")
         return self.last_checkpoint
+
+    def _raise_if_any_failed(self, error: Exception | None) -> None:
+        """A collective: if writing failed on any rank, every rank raises (none is left
+        waiting at a barrier) and the main process removes the staging directory."""
+        failed = torch.tensor([1.0 if error is not None else 0.0], device=self.accelerator.device)
+        if self._reduce_sum(failed).item() == 0:
+            return
+        ckpt = self.checkpointer
+        if isinstance(error, TrainingError):  # already explained (e.g. by the previous commit)
+            if self.accelerator.is_main_process:
+                ckpt.abort(self.step)
+            raise error
+        if error is not None:
+            raise ckpt.write_failure(self.step, error, self._checkpoint_bytes()) from error
+        if self.accelerator.is_main_process:
+            ckpt.abort(self.step)
+        raise TrainingError(
+            f"checkpoint step {self.step}: another process failed to write its part to "
+            f"{ckpt.staging_dir(self.step)} (its log says why); the partial checkpoint was "
+            "removed and the previous one is intact"
+        )
+
+    def _checkpoint_bytes(self) -> int:
+        """Bytes of model and optimizer state, the bulk of a checkpoint (an estimate for the
+        first checkpoint's disk-full message; later ones use the previous checkpoint's size)."""
+        seen: set[int] = set()
+        total = 0
+        tensors = list(self.accelerator.unwrap_model(self.model).state_dict().values())
+        tensors += [v for s in self.optimizer.state.values() for v in s.values()
+                    if isinstance(v, Tensor)]
+        for t in tensors:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
 
     def load_checkpoint(self, path) -> None:
         """Restore everything `save_checkpoint` wrote; training continues exactly."""
         self.accelerator.load_state(str(path))
         state = torch.load(f"{path}/trainer_state.pt", weights_only=False)
         self.step = int(state["step"])
+        if "divergence" in state:  # checkpoints from before the guard have none
+            self.divergence.load_state_dict(state["divergence"])
         data_file = f"{path}/data_state_rank{self.accelerator.process_index}.pt"
         try:
             data_state = torch.load(data_file, weights_only=False)

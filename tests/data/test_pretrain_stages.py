@@ -21,6 +21,7 @@ from bitnet_train.data.pretrain import build_pretrain_stream, worker_stage2_afte
 from bitnet_train.errors import ConfigError, DataError, TrainingError
 from bitnet_train.train.data_plan import PretrainPlan
 from bitnet_train.train.schedules import ScheduleConfig
+from tests.conftest import free_port
 from tests.data.pretrain_fixtures import (
     by_source,
     data_config,
@@ -362,7 +363,7 @@ def test_two_processes_continue_the_streams_and_resume_mid_stage_two(tmp_path, t
     tokenizer.save_pretrained(str(tmp_path / "tok"))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", "29541", str(root / "tests/data/stage_worker.py"), str(corpus),
+         "--master_port", str(free_port()), str(root / "tests/data/stage_worker.py"), str(corpus),
          str(tmp_path / "tok"), str(tmp_path)],
         cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

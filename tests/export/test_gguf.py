@@ -21,6 +21,7 @@ from bitnet_train.errors import CheckpointError, ExportError
 from bitnet_train.export.gguf import export_gguf, gguf_size_report, import_gguf
 from bitnet_train.export.gguf_pack import pack_i2s, pack_tq, unpack_i2s, unpack_tq
 from bitnet_train.export.ternary import extract_ternary
+from bitnet_train.integrity import sidecar_path
 from bitnet_train.model import BitNetConfig, BitNetForCausalLM
 from bitnet_train.model.bitlinear import fake_quant_weight_ref
 from tests.conftest import tiny_config
@@ -393,6 +394,9 @@ def test_import_names_the_mismatched_tensor(silu_model, tokenizer, tmp_path):
     reader.get_field("bitnet.feed_forward_length").parts[-1][0] = 768
     reader.data.flush()
     del reader
+    with pytest.raises(CheckpointError, match="m.gguf is damaged"):  # the manifest notices
+        import_gguf(path)
+    sidecar_path(path).unlink()  # an edit on purpose: drop the manifest, as the error says
     match = r"blk\.0\.ffn_gate\.weight.*\(512, 256\).*\(768, 256\)"
     with pytest.raises(CheckpointError, match=match):
         import_gguf(path)

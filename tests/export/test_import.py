@@ -15,6 +15,7 @@ from bitnet_train.errors import CheckpointError
 from bitnet_train.export.cli import import_main
 from bitnet_train.export.hf import export_hf
 from bitnet_train.export.importers import master_weight
+from bitnet_train.integrity import MANIFEST_FILE
 from bitnet_train.io import load_model
 from bitnet_train.model import ternary_weight
 from tests.export.test_hf_export import (
@@ -97,6 +98,7 @@ def test_bitlinear_class_divides_by_its_scale(dirs, tmp_path):
     """transformers' `linear_class: bitlinear` stores 1/a: the importer must invert it."""
     model, tok = trained_tiny()
     shutil.copytree(dirs / "hf", tmp_path / "bl")
+    (tmp_path / "bl" / MANIFEST_FILE).unlink()  # as transformers would write it: no manifest
     cfg = json.loads((tmp_path / "bl" / "config.json").read_text())
     cfg["quantization_config"]["linear_class"] = "bitlinear"
     (tmp_path / "bl" / "config.json").write_text(json.dumps(cfg))
@@ -110,7 +112,9 @@ def test_bitlinear_class_divides_by_its_scale(dirs, tmp_path):
 
 
 def _edit(src, dst, config=None, tensors=None):
+    """A copy of `src` edited as another tool might have written it (hence no manifest)."""
     shutil.copytree(src, dst)
+    (dst / MANIFEST_FILE).unlink()
     if config is not None:
         cfg = json.loads((dst / "config.json").read_text())
         cfg.update(config)

@@ -147,3 +147,54 @@ def test_check_compatible_without_model_config(tmp_path):
     path = Checkpointer(tmp_path, keep_last=1).save(1, _payload("w"), {})
     with pytest.raises(CheckpointError, match="model_config"):
         check_compatible(path, tiny_config().to_hf_dict())
+
+
+def test_complete_marker_holds_the_manifest_of_every_file(tmp_path):
+    import hashlib
+
+    from bitnet_train.train.checkpoint import read_manifest, verify
+
+    ck = Checkpointer(tmp_path, keep_last=2)
+    path = ck.save(5, _payload("weights"), {"note": "x"})
+    manifest = read_manifest(path)
+    assert sorted(manifest["files"]) == ["metadata.json", "model.bin", "sub/rng.pkl"]
+    want = hashlib.sha256(b"weights").hexdigest()
+    assert manifest["files"]["model.bin"] == {"bytes": 7, "sha256": want}
+    verify(path)
+    (path / "sub" / "rng.pkl").write_text("RNG")  # same size, other bytes
+    with pytest.raises(CheckpointError, match=r"sub/rng\.pkl is damaged"):
+        verify(path)
+
+
+def test_newest_intact_skips_damaged_and_legacy_markers_still_load(tmp_path, caplog):
+    ck = Checkpointer(tmp_path, keep_last=5)
+    old = ck.save(1, _payload("a"), {})
+    (old / "COMPLETE").write_text("1\n")  # a checkpoint written before manifests
+    new = ck.save(2, _payload("b"), {})
+    (new / "model.bin").write_text("")
+    path, damaged = ck.newest_intact()
+    assert path == old and [p for p, _ in damaged] == [new]
+    assert "predates integrity manifests" in caplog.text
+    moved = ck.quarantine(new)
+    assert moved.name == "step_00000002.damaged" and ck.all() == [old]
+    assert ck.step_of(old) == 1
+
+
+def test_background_commit_publishes_and_its_failure_surfaces_at_the_next_begin(tmp_path,
+                                                                               monkeypatch):
+    import bitnet_train.train.checkpoint as ckpt_mod
+
+    ck = Checkpointer(tmp_path, keep_last=2)
+    (ck.begin(1) / "model.bin").write_text("one")
+    ck.commit_async(1, {})
+    assert ck.wait() == tmp_path / "step_00000001" and ck.latest().name == "step_00000001"
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod, "_write_synced", full)
+    (ck.begin(2) / "model.bin").write_text("two")
+    ck.commit_async(2, {})
+    with pytest.raises(TrainingError, match="disk full while writing checkpoint step 2"):
+        ck.begin(3)  # joins the failed commit first
+    assert _entries(tmp_path) == ["step_00000001"]

@@ -96,3 +96,36 @@ def test_train_py_prints_the_composed_config():
     bad = subprocess.run([sys.executable, "train.py", "+recipe=demo_pretrain", "trainer.bogus=1"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "bogus" in bad.stderr
+
+
+@pytest.mark.parametrize("recipe, override, key", [
+    ("demo_pretrain", "trainer.log_every=0", "trainer.log_every"),
+    ("demo_pretrain", "trainer.checkpoint_every=-5", "trainer.checkpoint_every"),
+    ("demo_pretrain", "trainer.keep_last=-1", "trainer.keep_last"),
+    ("demo_pretrain", "trainer.eval_every=-1", "trainer.eval_every"),
+    ("demo_pretrain", "trainer.peak_tflops=-1", "trainer.peak_tflops"),
+    ("demo_pretrain", "trainer.divergence_sigma=-1", "trainer.divergence_sigma"),
+    ("demo_pretrain", "trainer.divergence_sigma=nan", "trainer.divergence_sigma"),
+    ("demo_pretrain", "trainer.divergence_window=1", "trainer.divergence_window"),
+    ("demo_pretrain", "trainer.divergence_max_skips=0", "trainer.divergence_max_skips"),
+    ("demo_pretrain", "trainer.on_divergence=retry", "trainer.on_divergence"),
+    ("demo_pretrain", "optim.grad_clip=-1", "optim.grad_clip"),
+    ("demo_pretrain", "optim.grad_clip=inf", "optim.grad_clip"),
+    ("demo_pretrain", "optim.eps=0", "optim.eps"),
+    ("demo_pretrain", "data.seq_len=513", "data.seq_len=513 exceeds model.max_position_embeddings"),
+    ("demo_pretrain", "seed=-1", "seed"),
+    ("demo_sft", "data.max_len=100000", "data.max_len=100000 exceeds model.max_position"),
+    ("demo_sft", "data.num_proc=0", "data.num_proc"),
+    ("demo_dpo", "objective.beta=0", "objective.beta"),
+])
+def test_every_interval_ratio_and_length_is_bounded(recipe, override, key):
+    """Fails at composition (before any weight is allocated), naming the key."""
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        to_train_config(compose([f"+recipe={recipe}", override]))
+
+
+def test_the_bounds_admit_their_documented_sentinels():
+    cfg = to_train_config(compose(["+recipe=demo_pretrain", "trainer.checkpoint_every=0",
+                                   "trainer.keep_last=0", "optim.grad_clip=0",
+                                   "trainer.divergence_sigma=0", "data.seq_len=512"]))
+    assert (cfg.trainer.checkpoint_every, cfg.optim.grad_clip, cfg.data.seq_len) == (0, 0.0, 512)

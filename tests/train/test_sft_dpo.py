@@ -91,7 +91,7 @@ def test_sft_trains_assistant_tokens_only(chat_dir, tmp_path):
 def test_dpo_loss_is_log2_at_step_zero_and_reference_is_frozen(chat_dir):
     tok = load_tokenizer(str(chat_dir / "tokenizer"))
     cfg = _cfg("demo_dpo", chat_dir, chat_dir / "unused",
-               f"data.sources.0.path={chat_dir}/pairs.jsonl")
+               f"data.sources.0.path={chat_dir}/pairs.jsonl", "data.max_len=128")
     data = build_preference_dataset(cfg.data, tok)
     batch = data.batch(0, 0, 4)
     torch.manual_seed(0)

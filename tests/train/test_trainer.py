@@ -18,7 +18,7 @@ from bitnet_train.train.objectives.language_model import LanguageModelObjective
 from bitnet_train.train.run import run
 from bitnet_train.train.schedules import ScheduleConfig
 from bitnet_train.train.trainer import BatchPlan, Trainer
-from tests.conftest import tiny_config
+from tests.conftest import free_port, tiny_config
 from tests.train.helpers import make_tokenizer, pretrain_config, write_corpus
 
 
@@ -205,8 +205,10 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
         data=plan, checkpointer=Checkpointer(tmp_path / "ck", 2), total_steps=6, grad_accum=1,
         grad_clip=1.0, checkpoint_every=2, progress_bar=False,
     )
-    before = None
-    with pytest.raises(TrainingError, match=r"step 4.*step_00000004"):
+    # the 5th step (0-based 4) diverges: its loss was computed with the weights of step_4,
+    # so the newest checkpoint written before the divergence is step_2
+    with pytest.raises(TrainingError, match=r"diverged at step 5: non-finite loss.*"
+                                            r"step_00000002 \(checkpoints from step_00000004"):
         trainer.fit()
     before = {k: v.clone() for k, v in acc.unwrap_model(model).state_dict().items()}
     # the bad update was not applied: weights still equal step-4 checkpoint's
@@ -296,7 +298,7 @@ def test_two_processes_equal_one_big_batch(tmp_path, reduction):
     out = tmp_path / "ddp.pt"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", "29533" if reduction == "sum" else "29534",
+         "--master_port", str(free_port()),
          str(root / "tests/train/ddp_worker.py"), reduction, str(out)],
         cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
