@@ -1,4 +1,9 @@
-"""Console entry points: `bitnet-train` (the Hydra app of train.py) and `bitnet-export`."""
+"""Console entry points: `bitnet-train`, `bitnet-export`, `bitnet-import`, `bitnet-demo`.
+
+Each works from any directory: the configs and recipes ship inside the package
+(`bitnet_train/configs`), and every path on the command line is taken relative to the current
+directory.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,11 @@ import sys
 
 
 def train_main() -> None:
-    """`bitnet-train +recipe=NAME key=value ...`: same as `python train.py ...`."""
+    """`bitnet-train +recipe=NAME key=value ...`: same as `python train.py ...`.
+
+    Add a config directory of your own with Hydra's `--config-dir DIR` (its `recipe/`,
+    `model/`, `data/` ... files are then found beside the shipped ones).
+    """
     import hydra
 
     from bitnet_train.train.config import config_dir, register_configs
@@ -19,7 +28,27 @@ def train_main() -> None:
 
 
 def export_main() -> None:
-    """`bitnet-export CHECKPOINT --format FORMAT --out PATH`."""
+    """`bitnet-export CHECKPOINT --format FORMAT --out PATH` (or `--dry-run`)."""
     from bitnet_train.export.cli import main
+
+    sys.exit(main())
+
+
+def import_main() -> None:
+    """`bitnet-import SOURCE --out DIR`: released or exported weights -> master weights."""
+    from bitnet_train.export.cli import import_main as main
+
+    sys.exit(main())
+
+
+def demo_main() -> None:
+    """`bitnet-demo [--out DIR] [--data-only]`: the `make demo` pipeline."""
+    import os
+
+    # before any Hugging Face import (huggingface_hub reads HF_HUB_OFFLINE once, at import)
+    for key, value in (("WANDB_MODE", "offline"), ("HF_HUB_OFFLINE", "1"),
+                       ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(key, value)
+    from bitnet_train.demo import main
 
     sys.exit(main())

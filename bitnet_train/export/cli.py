@@ -11,6 +11,7 @@ BitNet directory) to a deployment format:
 Print the bytes each format takes, from a config alone (no weights read):
 
     python scripts/export.py 2b4t --dry-run                 # every format
+    python scripts/export.py mine --config-dir my_configs --dry-run   # my_configs/model/mine.yaml
     python scripts/export.py outputs/run/final --format gguf --quant tq1_0 --dry-run
 
 Import released or exported weights as master weights to fine-tune (`model.init=DIR`):
@@ -67,6 +68,9 @@ def build_export_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print the bytes of ternary weights, scales, embeddings and the total "
                         "per format, computed from the config; write nothing")
+    p.add_argument("--config-dir", action="append", default=[], type=Path,
+                   help="with --dry-run: a config directory of your own, whose model/NAME.yaml "
+                        "can then be named like a shipped one (repeatable)")
     return p
 
 
@@ -97,7 +101,7 @@ def run_export(args: argparse.Namespace) -> Path:
 
 
 def run_dry_run(args: argparse.Namespace) -> None:
-    config = resolve_config(args.checkpoint)
+    config = resolve_config(args.checkpoint, config_dirs=args.config_dir)
     if args.format is None:
         rows = all_size_reports(config, args.embedding_type)
     else:

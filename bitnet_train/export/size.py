@@ -15,10 +15,9 @@ shipped format reaches it (TQ1_0 comes closest at 1.6875 bits per weight).
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-from omegaconf import OmegaConf
 
 from bitnet_train.errors import ConfigError, ExportError
 from bitnet_train.export.packing import VALUES_PER_BYTE, packed_rows
@@ -28,8 +27,6 @@ from bitnet_train.model.size import model_size
 BF16_BYTES = 2
 FP32_BYTES = 4
 GGUF_QUANTS = ("tq2_0", "tq1_0", "i2_s")
-MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
-"""Where `--dry-run 2b4t` looks for `2b4t.yaml` (this checkout's configs/model)."""
 
 
 def ternary_shapes(config: BitNetConfig) -> list[tuple[str, int, int]]:
@@ -154,40 +151,49 @@ def format_reports(config: BitNetConfig, rows: list[dict[str, Any]]) -> str:
 # -- configs for --dry-run -------------------------------------------------------------------
 
 
-def _read_model_yaml(file: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A configs/model YAML with its Hydra `defaults` list resolved (other model configs first,
-    then this file; `model_schema` and `_self_` name the schema, not values)."""
-    if file in seen:
-        raise ConfigError(f"{file}: circular defaults list")
-    raw = OmegaConf.to_container(OmegaConf.load(file), resolve=True)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{file}: expected a mapping of BitNetConfig fields")
-    merged: dict[str, Any] = {}
-    for entry in raw.pop("defaults", []) or []:
-        if entry in ("model_schema", "_self_") or not isinstance(entry, str):
-            continue
-        merged.update(_read_model_yaml(file.parent / f"{entry}.yaml", (*seen, file)))
-    merged.update(raw)
-    return merged
+def config_from_model_group(name: str, config_dirs: Sequence[str | Path] = ()) -> BitNetConfig:
+    """BitNetConfig of the `model` group option `name` (`2b4t`, `tiny`, ...), composed by Hydra
+    exactly as a run composes `model=NAME` (defaults lists, schema checks); `config_dirs` are a
+    user's own config directories, searched after the shipped ones."""
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    from bitnet_train.train.config import compose
+
+    try:
+        section = OmegaConf.to_object(compose([f"model={name}"], config_dirs=config_dirs).model)
+    except HydraException as err:
+        raise ConfigError(f"model config {name!r}: {err}") from err
+    return section.architecture()
 
 
 def config_from_yaml(file: str | Path) -> BitNetConfig:
-    """BitNetConfig from a model YAML (fields equal BitNetConfig's; `init` is ignored)."""
-    file = Path(file)
+    """BitNetConfig of a model YAML file: it is composed as an option of the `model` group of
+    the config directory that holds it (`DIR/model/NAME.yaml`), so its defaults list may start
+    from a shipped model (`defaults: [2b4t, _self_]`)."""
+    file = Path(file).resolve()
     if not file.is_file():
         raise ConfigError(f"model config {file} does not exist")
-    values = _read_model_yaml(file)
-    values.pop("init", None)
-    fields = set(BitNetConfig.__dataclass_fields__)
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ConfigError(f"{file}: unknown model field {unknown[0]!r}")
-    return BitNetConfig(**values)
+    if file.parent.name != "model":
+        raise ConfigError(
+            f"{file}: a model YAML is read as an option of the `model` group, so it must sit in "
+            "a directory named model/ (e.g. my_configs/model/mine.yaml), as it would for "
+            "`bitnet-train --config-dir my_configs model=mine`"
+        )
+    return config_from_model_group(file.stem, config_dirs=[file.parent.parent])
 
 
-def resolve_config(spec: str | Path) -> BitNetConfig:
-    """The config that `spec` names: a directory with config.json, a YAML file, or a size name
-    (`2b4t`, `tiny`, ...) under configs/model/."""
+def model_group_names(config_dirs: Sequence[str | Path] = ()) -> list[str]:
+    """Names of the `model` group options: the shipped ones and those of `config_dirs`."""
+    from bitnet_train.train.config import config_dir
+
+    dirs = [config_dir(), *(Path(d) for d in config_dirs)]
+    return sorted({p.stem for d in dirs for p in (d / "model").glob("*.yaml")})
+
+
+def resolve_config(spec: str | Path, config_dirs: Sequence[str | Path] = ()) -> BitNetConfig:
+    """The config that `spec` names: a directory with config.json, a model YAML file, or a
+    `model` group option (`2b4t`, `tiny`, ..., or one in `config_dirs`)."""
     from bitnet_train.io import read_config_dict
 
     path = Path(spec)
@@ -195,11 +201,10 @@ def resolve_config(spec: str | Path) -> BitNetConfig:
         return BitNetConfig.from_hf_dict(read_config_dict(path), name=path.name)
     if path.suffix in (".yaml", ".yml"):
         return config_from_yaml(path)
-    named = MODEL_CONFIG_DIR / f"{spec}.yaml"
-    if named.is_file():
-        return config_from_yaml(named)
-    known = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.yaml"))
-    raise ConfigError(
-        f"{spec!r} is neither a model directory (config.json) nor a model config; known names: "
-        f"{', '.join(known) or '(none found in ' + str(MODEL_CONFIG_DIR) + ')'}"
-    )
+    known = model_group_names(config_dirs)
+    if str(spec) not in known:
+        raise ConfigError(
+            f"{spec!r} is neither a model directory (config.json), a model YAML file nor a model "
+            f"config; known names: {', '.join(known)}"
+        )
+    return config_from_model_group(str(spec), config_dirs)

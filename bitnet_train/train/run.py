@@ -25,7 +25,12 @@ from omegaconf import DictConfig, OmegaConf
 from bitnet_train.errors import CheckpointError, ConfigError
 from bitnet_train.model import BitNetConfig, BitNetForCausalLM, build_model
 from bitnet_train.train.checkpoint import Checkpointer
-from bitnet_train.train.config import ModelSection, TrainConfig, to_train_config
+from bitnet_train.train.config import (
+    ModelSection,
+    TrainConfig,
+    check_search_path,
+    to_train_config,
+)
 from bitnet_train.train.data_plan import build_batch_plan
 from bitnet_train.train.objectives.dpo import DPOObjective, make_reference
 from bitnet_train.train.objectives.language_model import LanguageModelObjective
@@ -50,11 +55,12 @@ def run_from_hydra(cfg: DictConfig) -> RunResult:
     """Hydra entry: validate at the edge, log the resolved config, run."""
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from hydra.core.hydra_config import HydraConfig
+
+    check_search_path(HydraConfig.get().runtime.config_sources)
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     train_cfg = to_train_config(cfg)
     if train_cfg.output_dir is None:
-        from hydra.core.hydra_config import HydraConfig
-
         train_cfg.output_dir = HydraConfig.get().runtime.output_dir
     return run(train_cfg, resolved_yaml=resolved)
 
