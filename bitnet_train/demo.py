@@ -39,14 +39,14 @@ def prepare_demo_data(data_dir: Path) -> dict[str, Path]:
     from bitnet_train.data.chat import CHAT_TEMPLATE
     from bitnet_train.data.corpus import python_docs_documents, write_python_docs_corpus
     from bitnet_train.data.demo_data import write_demo_chat, write_demo_pairs
-    from bitnet_train.data.tokenizer import train_demo_tokenizer
+    from bitnet_train.data.tokenizer import save_tokenizer, train_demo_tokenizer
 
     data_dir.mkdir(parents=True, exist_ok=True)
     shards = write_python_docs_corpus(data_dir / "pretrain", num_shards=4)
     tokenizer = train_demo_tokenizer((text for _, text in python_docs_documents()),
                                      data_dir / "tokenizer", vocab_size=4096)
     tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(str(data_dir / "tokenizer"))
+    save_tokenizer(tokenizer, data_dir / "tokenizer")
     return {"shards": shards[0].parent, "tokenizer": data_dir / "tokenizer",
             "chat": write_demo_chat(data_dir), "pairs": write_demo_pairs(data_dir)}
 

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from bitnet_train.data.tokenizer import save_tokenizer
 from bitnet_train.errors import CheckpointError
 from bitnet_train.model.config import BitNetConfig
 from bitnet_train.model.modeling import BitNetForCausalLM, RotaryEmbedding
@@ -159,7 +160,7 @@ def write_hf_directory(
         (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+            save_tokenizer(tokenizer, tmp)
     return path
 
 
@@ -174,7 +175,8 @@ def save_model(
     Args:
         model: our BitNetForCausalLM (unwrapped from DDP/FSDP/accelerate).
         path: output directory; replaced atomically if it exists.
-        tokenizer: a transformers tokenizer, saved with `save_pretrained` (chat template included).
+        tokenizer: a transformers tokenizer, saved with `save_tokenizer` (chat template included;
+            loadable by transformers 4.x and 5.x).
         dtype: cast floating weights (torch.bfloat16 gives the 2B4T-bf16 layout); None keeps the
             model's dtype (fp32 masters: reloading gives bit-identical weights and forward).
     """

@@ -153,7 +153,7 @@ def resolve_output_dir(cfg: TrainConfig) -> Path:
 
 def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
     """Train `cfg` to the end and save DIR/final with `save_model`."""
-    from bitnet_train.data.tokenizer import load_tokenizer
+    from bitnet_train.data.tokenizer import load_tokenizer, save_tokenizer
     from bitnet_train.io import save_model
 
     output_dir = resolve_output_dir(cfg)
@@ -196,7 +196,7 @@ def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
 
     def save_extra(tmp: Path) -> None:
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            save_tokenizer(tokenizer, tmp / "tokenizer")
 
     if accelerator.is_main_process and cfg.logger.tracker != "none":
         accelerator.init_trackers(cfg.logger.project, config=_flat_config(cfg))
