@@ -29,14 +29,14 @@ def train_main() -> None:
 
 def export_main() -> None:
     """`bitnet-export CHECKPOINT --format FORMAT --out PATH` (or `--dry-run`)."""
-    from bitnet_train.export.cli import main
+    from bitnet_train.export_cli import main
 
     sys.exit(main())
 
 
 def import_main() -> None:
     """`bitnet-import SOURCE --out DIR`: released or exported weights -> master weights."""
-    from bitnet_train.export.cli import import_main as main
+    from bitnet_train.export_cli import import_main as main
 
     sys.exit(main())
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -88,6 +89,10 @@ def test_wheel_trains_and_exports_outside_the_checkout(tmp_path):
          work, env)
     _run([str(bin_ / "bitnet-export"), "run/final", "--format", "hf", "--out", "hf"], work, env)
     assert (work / "model.gguf").stat().st_size > 1_000_000
+    (work / "probe").write_text("x")  # the mode a plain open() gives here
+    plain = stat.S_IMODE((work / "probe").stat().st_mode)
+    for f in (final / "model.safetensors", work / "hf" / "model.safetensors", work / "model.gguf"):
+        assert stat.S_IMODE(f.stat().st_mode) == plain, f
 
     # a config directory of the user's own joins the search path
     mine = work / "my_configs" / "recipe"

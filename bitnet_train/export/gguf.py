@@ -33,7 +33,6 @@ subclass of its reader that keeps them as raw bytes.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +51,7 @@ from gguf import (
 )
 from gguf.quants import dequantize, quantize
 
+from bitnet_train.atomic import atomic_file
 from bitnet_train.errors import CheckpointError, ConfigError, ExportError
 from bitnet_train.export.gguf_pack import (
     I2S_BLOCK,
@@ -76,6 +76,7 @@ from bitnet_train.export.importers import master_weight
 from bitnet_train.export.ternary import extract_ternary
 from bitnet_train.model.config import BitNetConfig
 from bitnet_train.model.modeling import BitNetForCausalLM
+from bitnet_train.model.size import ternary_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -125,13 +126,6 @@ def _is_ternary(name: str) -> bool:
     return name.endswith("_proj.weight")
 
 
-def _ternary_shapes(config: BitNetConfig) -> list[tuple[int, int]]:
-    """(out, in) of the 7 BitLinear matrices of one layer."""
-    h, m, hd = config.hidden_size, config.intermediate_size, config.head_dim
-    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    return [(q, h), (kv, h), (kv, h), (h, q), (m, h), (m, h), (h, m)]
-
-
 def refusal_reason(
     config: BitNetConfig, quant: str, tied: bool, embedding_type: str = "f16"
 ) -> str | None:
@@ -151,7 +145,7 @@ def refusal_reason(
             "`bitnet-b1.58` architecture"
         )
     block = TQ_BLOCK if quant in TQ_TYPES else I2S_BLOCK
-    rows = sorted({shape[1] for shape in _ternary_shapes(config) if shape[1] % block})
+    rows = sorted({cols for _, _, cols in ternary_shapes(config) if cols % block})
     if rows:
         return (
             f"row lengths {rows} (hidden_size, num_attention_heads * head_dim or "
@@ -206,31 +200,30 @@ def export_gguf(model: Any, tokenizer: Any, out_path: str | Path, quant: str,
     params = dict(model.named_parameters(remove_duplicate=False))
 
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")  # renamed when complete: never a torn file
-    writer = GGUFWriter(tmp, ARCHS[quant])
-    _write_hparams(writer, config, quant)
-    write_vocab(writer, vocab)
-    for name, gguf_name in tensor_names(config).items():
-        if _is_ternary(name):
-            t = ternary[name]
-            codes, scale = t.codes.numpy(), float(t.scale)
-            if quant == "i2_s":
-                writer.add_tensor(gguf_name, pack_i2s(codes, scale, gguf_name),
-                                  raw_shape=codes.shape, raw_dtype=I2S_TYPE_ID)
-            else:
-                packed = pack_tq(codes, scale, quant, gguf_name)
-                writer.add_tensor(gguf_name, packed, raw_shape=packed.shape,
-                                  raw_dtype=TQ_TYPES[quant])
-        elif name == EMBED:
-            _add_embedding(writer, gguf_name, params[name].float().cpu().numpy(), embedding_type)
-        else:  # norms: f32 (ggml's norm ops take f32 weights)
-            writer.add_tensor(gguf_name, params[name].float().cpu().numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, out_path)
+    with atomic_file(out_path) as tmp:  # renamed when complete: never a torn file
+        writer = GGUFWriter(tmp, ARCHS[quant])
+        _write_hparams(writer, config, quant)
+        write_vocab(writer, vocab)
+        for name, gguf_name in tensor_names(config).items():
+            if _is_ternary(name):
+                t = ternary[name]
+                codes, scale = t.codes.numpy(), float(t.scale)
+                if quant == "i2_s":
+                    writer.add_tensor(gguf_name, pack_i2s(codes, scale, gguf_name),
+                                      raw_shape=codes.shape, raw_dtype=I2S_TYPE_ID)
+                else:
+                    packed = pack_tq(codes, scale, quant, gguf_name)
+                    writer.add_tensor(gguf_name, packed, raw_shape=packed.shape,
+                                      raw_dtype=TQ_TYPES[quant])
+            elif name == EMBED:
+                embed = params[name].float().cpu().numpy()
+                _add_embedding(writer, gguf_name, embed, embedding_type)
+            else:  # norms: f32 (ggml's norm ops take f32 weights)
+                writer.add_tensor(gguf_name, params[name].float().cpu().numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
     return out_path
 
 
@@ -278,7 +271,7 @@ def gguf_size_report(
     quant, embedding_type = quant.lower(), embedding_type.lower()
     _check_args(quant, embedding_type)
     layers = config.num_hidden_layers
-    sizes = [o * i for o, i in _ternary_shapes(config)]
+    sizes = [o * i for _, o, i in ternary_shapes(config)]
     per_matrix = [i2s_bytes(n) if quant == "i2_s" else tq_bytes(n, quant) for n in sizes]
     codes = layers * sum(c for c, _ in per_matrix)
     scales = layers * sum(s for _, s in per_matrix)

@@ -41,13 +41,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from bitnet_train.atomic import atomic_directory
 from bitnet_train.errors import CheckpointError, ExportError
 from bitnet_train.export.ternary import TernaryTensor, extract_ternary
 from bitnet_train.model.config import BitNetConfig
@@ -202,12 +202,10 @@ def export_gpu(model: Any, out_dir: str | Path) -> Path:
             sorted(missing_kernels), sorted(KERNEL_SHAPES),
         )
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for fname, obj in ((INT2_FILE, int2), (FP16_FILE, fp16)):
-        tmp = out_dir / f".{fname}.tmp"  # renamed when complete: never a torn file
-        torch.save(obj, tmp)
-        os.replace(tmp, out_dir / fname)
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+    with atomic_directory(out_dir, marker=CONFIG_FILE) as tmp:  # never a torn directory
+        torch.save(int2, tmp / INT2_FILE)
+        torch.save(fp16, tmp / FP16_FILE)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
     return out_dir
 
 

@@ -14,28 +14,18 @@ shipped format reaches it (TQ1_0 comes closest at 1.6875 bits per weight).
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from bitnet_train.errors import ConfigError, ExportError
+from bitnet_train.errors import ExportError
+from bitnet_train.export.gguf import gguf_size_report
+from bitnet_train.export.gpu import gpu_size_report
 from bitnet_train.export.packing import VALUES_PER_BYTE, packed_rows
 from bitnet_train.model.config import BitNetConfig
-from bitnet_train.model.size import model_size
+from bitnet_train.model.size import model_size, ternary_shapes
 
 BF16_BYTES = 2
 FP32_BYTES = 4
 GGUF_QUANTS = ("tq2_0", "tq1_0", "i2_s")
-
-
-def ternary_shapes(config: BitNetConfig) -> list[tuple[str, int, int]]:
-    """(name, out, in) of the seven BitLinear matrices of one decoder layer."""
-    h, m = config.hidden_size, config.intermediate_size
-    q = config.num_attention_heads * config.head_dim
-    kv = config.num_key_value_heads * config.head_dim
-    return [("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, q),
-            ("gate_proj", m, h), ("up_proj", m, h), ("down_proj", h, m)]
 
 
 def hf_size_report(config: BitNetConfig, packed: bool = True) -> dict[str, Any]:
@@ -68,17 +58,6 @@ def hf_size_report(config: BitNetConfig, packed: bool = True) -> dict[str, Any]:
     }
 
 
-def exporter_function(module: str, function: str) -> Any:
-    """A function of another exporter module, imported only when that format is asked for."""
-    try:
-        return getattr(importlib.import_module(module), function)
-    except (ImportError, AttributeError) as err:
-        raise ExportError(
-            f"{module}.{function} is not available in this installation ({err}); this format "
-            "cannot be exported or sized"
-        ) from err
-
-
 def size_report(
     config: BitNetConfig, fmt: str, quant: str | None = None, embedding_type: str = "f16"
 ) -> dict[str, Any]:
@@ -86,10 +65,9 @@ def size_report(
     if fmt in ("hf", "hf-bf16"):
         return hf_size_report(config, packed=fmt == "hf")
     if fmt == "gguf":
-        report = exporter_function("bitnet_train.export.gguf", "gguf_size_report")
-        return report(config, quant or default_gguf_quant(config), embedding_type)
+        return gguf_size_report(config, quant or default_gguf_quant(config), embedding_type)
     if fmt == "gpu":
-        return exporter_function("bitnet_train.export.gpu", "gpu_size_report")(config)
+        return gpu_size_report(config)
     raise ExportError(f"unknown format {fmt!r}; choose hf, hf-bf16, gguf or gpu")
 
 
@@ -100,16 +78,9 @@ def default_gguf_quant(config: BitNetConfig) -> str:
 
 
 def all_size_reports(config: BitNetConfig, embedding_type: str = "f16") -> list[dict[str, Any]]:
-    """Every format (GGUF in each of its ternary types); formats whose exporter is missing are
-    reported with `refused` saying so."""
+    """Every format, GGUF in each of its ternary types."""
     wanted = [("hf", None), ("hf-bf16", None), *(("gguf", q) for q in GGUF_QUANTS), ("gpu", None)]
-    rows = []
-    for fmt, quant in wanted:
-        try:
-            rows.append(size_report(config, fmt, quant, embedding_type))
-        except ExportError as err:
-            rows.append({"format": fmt, "quant": quant, "refused": str(err)})
-    return rows
+    return [size_report(config, fmt, quant, embedding_type) for fmt, quant in wanted]
 
 
 def human_bytes(n: int | float) -> str:
@@ -134,77 +105,12 @@ def format_reports(config: BitNetConfig, rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         name = r["format"] + (f" {r['quant']}" if r.get("quant") else "")
-        if "total_bytes" not in r:  # the format's exporter is not available
-            lines.append(f"{name:<14}{'-':>13}{'-':>12}{'-':>13}{'-':>12}{'-':>13}{'-':>8}")
-        else:
-            bits = 8 * (r["ternary_bytes"] + r["scale_bytes"]) / max(size.ternary_params, 1)
-            lines.append(
-                f"{name:<14}{human_bytes(r['ternary_bytes']):>13}"
-                f"{human_bytes(r['scale_bytes']):>12}{human_bytes(r['embedding_bytes']):>13}"
-                f"{human_bytes(r['norm_bytes']):>12}{human_bytes(r['total_bytes']):>13}{bits:>8.3f}"
-            )
+        bits = 8 * (r["ternary_bytes"] + r["scale_bytes"]) / max(size.ternary_params, 1)
+        lines.append(
+            f"{name:<14}{human_bytes(r['ternary_bytes']):>13}"
+            f"{human_bytes(r['scale_bytes']):>12}{human_bytes(r['embedding_bytes']):>13}"
+            f"{human_bytes(r['norm_bytes']):>12}{human_bytes(r['total_bytes']):>13}{bits:>8.3f}"
+        )
         if r.get("refused"):
             lines.append(f"{'':<14}refused: {r['refused']}")
     return "\n".join(lines)
-
-
-# -- configs for --dry-run -------------------------------------------------------------------
-
-
-def config_from_model_group(name: str, config_dirs: Sequence[str | Path] = ()) -> BitNetConfig:
-    """BitNetConfig of the `model` group option `name` (`2b4t`, `tiny`, ...), composed by Hydra
-    exactly as a run composes `model=NAME` (defaults lists, schema checks); `config_dirs` are a
-    user's own config directories, searched after the shipped ones."""
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-
-    from bitnet_train.train.config import compose
-
-    try:
-        section = OmegaConf.to_object(compose([f"model={name}"], config_dirs=config_dirs).model)
-    except HydraException as err:
-        raise ConfigError(f"model config {name!r}: {err}") from err
-    return section.architecture()
-
-
-def config_from_yaml(file: str | Path) -> BitNetConfig:
-    """BitNetConfig of a model YAML file: it is composed as an option of the `model` group of
-    the config directory that holds it (`DIR/model/NAME.yaml`), so its defaults list may start
-    from a shipped model (`defaults: [2b4t, _self_]`)."""
-    file = Path(file).resolve()
-    if not file.is_file():
-        raise ConfigError(f"model config {file} does not exist")
-    if file.parent.name != "model":
-        raise ConfigError(
-            f"{file}: a model YAML is read as an option of the `model` group, so it must sit in "
-            "a directory named model/ (e.g. my_configs/model/mine.yaml), as it would for "
-            "`bitnet-train --config-dir my_configs model=mine`"
-        )
-    return config_from_model_group(file.stem, config_dirs=[file.parent.parent])
-
-
-def model_group_names(config_dirs: Sequence[str | Path] = ()) -> list[str]:
-    """Names of the `model` group options: the shipped ones and those of `config_dirs`."""
-    from bitnet_train.train.config import config_dir
-
-    dirs = [config_dir(), *(Path(d) for d in config_dirs)]
-    return sorted({p.stem for d in dirs for p in (d / "model").glob("*.yaml")})
-
-
-def resolve_config(spec: str | Path, config_dirs: Sequence[str | Path] = ()) -> BitNetConfig:
-    """The config that `spec` names: a directory with config.json, a model YAML file, or a
-    `model` group option (`2b4t`, `tiny`, ..., or one in `config_dirs`)."""
-    from bitnet_train.io import read_config_dict
-
-    path = Path(spec)
-    if path.is_dir():
-        return BitNetConfig.from_hf_dict(read_config_dict(path), name=path.name)
-    if path.suffix in (".yaml", ".yml"):
-        return config_from_yaml(path)
-    known = model_group_names(config_dirs)
-    if str(spec) not in known:
-        raise ConfigError(
-            f"{spec!r} is neither a model directory (config.json), a model YAML file nor a model "
-            f"config; known names: {', '.join(known)}"
-        )
-    return config_from_model_group(str(spec), config_dirs)

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bitnet_train.errors import CheckpointError, ConfigError
 from bitnet_train.model import BitNetConfig, BitNetForCausalLM, build_model
+from bitnet_train.provenance import code_version
 from bitnet_train.train.checkpoint import Checkpointer
 from bitnet_train.train.config import (
     ModelSection,
@@ -63,14 +63,6 @@ def run_from_hydra(cfg: DictConfig) -> RunResult:
     if train_cfg.output_dir is None:
         train_cfg.output_dir = HydraConfig.get().runtime.output_dir
     return run(train_cfg, resolved_yaml=resolved)
-
-
-def _git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
-    except Exception:  # noqa: BLE001 - a missing git is not an error for training
-        return "unknown"
 
 
 def build_accelerator(cfg: TrainConfig, output_dir: Path) -> Accelerator:
@@ -163,7 +155,7 @@ def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
     if accelerator.is_main_process:
         (output_dir / "config.yaml").write_text(resolved_yaml or json.dumps(
             dataclasses.asdict(cfg), default=str, indent=2))
-        log.info("run %s at git %s in %s", cfg.run_name, _git_revision(), output_dir)
+        log.info("run %s (%s) in %s", cfg.run_name, code_version(), output_dir)
 
     tokenizer = load_tokenizer(cfg.tokenizer)
     if cfg.objective.name in ("sft", "dpo") and not tokenizer.chat_template:

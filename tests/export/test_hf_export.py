@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import stat
 import tempfile
 
 import pytest
@@ -35,9 +36,10 @@ from bitnet_train.data.chat import CHAT_TEMPLATE
 from bitnet_train.data.tokenizer import train_demo_tokenizer
 from bitnet_train.errors import ExportError
 from bitnet_train.export import hf as hf_export
-from bitnet_train.export.cli import main as export_main
 from bitnet_train.export.packing import unpack_ternary
-from bitnet_train.export.size import exporter_function, hf_size_report, resolve_config
+from bitnet_train.export.size import hf_size_report
+from bitnet_train.export_cli import main as export_main
+from bitnet_train.export_cli import resolve_config
 from bitnet_train.io import save_model
 from bitnet_train.model import BitNetForCausalLM, build_model, model_size, ternary_weight
 from tests.conftest import tiny_config
@@ -155,6 +157,16 @@ def test_config_json_is_2b4t_style(exported):
         assert cfg["max_position_embeddings"] == model.config.max_position_embeddings == 256
         assert cfg["rope_theta"] == cfg["rope_parameters"]["rope_theta"] == 10000.0
         assert cfg["dtype"] == "bfloat16"
+
+
+def test_every_file_has_the_mode_open_gives(exported):
+    """model.safetensors came out 0600 (safetensors writes through mkstemp), unlike the rest."""
+    probe = exported / "probe"
+    probe.write_text("x")
+    plain = stat.S_IMODE(probe.stat().st_mode)
+    for fmt in ("final", "hf", "hf-bf16"):
+        modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in (exported / fmt).iterdir()}
+        assert "model.safetensors" in modes and set(modes.values()) == {plain}, (fmt, modes)
 
 
 def test_packed_tensors(exported):
@@ -324,5 +336,3 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "not a model directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         export_main(["2b4t", "--format", "hf"])  # --out missing
-    with pytest.raises(ExportError, match="bitnet_train.export.nothing.f is not available"):
-        exporter_function("bitnet_train.export.nothing", "f")

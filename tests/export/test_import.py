@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bitnet_train.errors import CheckpointError
-from bitnet_train.export.cli import import_main
 from bitnet_train.export.hf import export_hf
 from bitnet_train.export.importers import master_weight
+from bitnet_train.export_cli import import_main
 from bitnet_train.io import load_model
 from bitnet_train.model import ternary_weight
 from tests.export.test_hf_export import (

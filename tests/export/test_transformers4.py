@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from bitnet_train.data.chat import encode_prompt
-from bitnet_train.export.cli import main as export_main
+from bitnet_train.export_cli import main as export_main
 from bitnet_train.io import save_model
 from tests.export.test_hf_export import CORPUS, REL_TOL, eval_batch, rel_rms, trained_tiny
 
