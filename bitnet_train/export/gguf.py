@@ -9,7 +9,8 @@ written as trained (no permutation; llama.cpp's ``BitnetModel`` converter permut
 - ``tq1_0`` / ``tq2_0``: upstream llama.cpp, architecture ``bitnet`` (keys ``bitnet.*``). Its
   graph (``src/models/bitnet.cpp``) gates the FFN with SiLU (``LLM_FFN_SILU, LLM_FFN_PAR``): it
   serves ``hidden_act: silu`` models. A relu2 (2B4T) model would load and compute another
-  function, so it is refused with a pointer to ``i2_s``. The ternary scale travels in each TQ
+  function, so it is refused with a pointer to ``i2_s`` until upstream honours the activation
+  key below (ggml-org/llama.cpp PR 26751 was not merged). The ternary scale travels in each TQ
   block's fp16 ``d`` (see `gguf_pack`), as upstream's converter does; no ``.scale`` tensors.
   CPU, Metal and Vulkan backends run TQ types; activations are quantized per 256-value block
   (Q8_K), not per token, so logits differ from the training forward by a few percent.
@@ -22,9 +23,14 @@ written as trained (no permutation; llama.cpp's ``BitnetModel`` converter permut
   here, and a silu model's result depends on the build. No file is refused for this; a warning
   is logged.
 
-Embeddings are written f16 by default (``q8_0`` or ``f32`` on request), norms f32. Besides the
-engines' keys, ``bitnet_train.hidden_act`` records the FFN activation (engines ignore unknown
-keys) so `import_gguf` restores the exact model.
+The FFN activation is written as ``<arch>.hidden_activation`` (``relu2`` or ``silu``), the key
+that the fix llama.cpp and bitnet.cpp are converging on reads (ggml-org/llama.cpp PR 26751,
+microsoft/BitNet PR 605: ``relu2`` selects the squared-ReLU FFN, absence means SiLU), so our
+I2_S files of relu2 models compute the right function on engines carrying that fix; engines
+without it ignore the key. `import_gguf` reads it back (and, for files we wrote before it, our
+former private key ``bitnet_train.hidden_act``).
+
+Embeddings are written f16 by default (``q8_0`` or ``f32`` on request), norms f32.
 
 The PyPI `gguf` reader does not know type 36; `import_gguf` reads I2_S tensors through a small
 subclass of its reader that keeps them as raw bytes.
@@ -92,7 +98,13 @@ EMBEDDING_TYPES = {
     "f32": GGMLQuantizationType.F32,
     "q8_0": GGMLQuantizationType.Q8_0,
 }
-HIDDEN_ACT_KEY = "bitnet_train.hidden_act"
+LEGACY_HIDDEN_ACT_KEY = "bitnet_train.hidden_act"
+"""Where files written before `<arch>.hidden_activation` recorded the FFN activation."""
+
+
+def hidden_activation_key(arch: str) -> str:
+    """`<arch>.hidden_activation`: llama.cpp's LLM_KV_HIDDEN_ACT under the file's architecture."""
+    return f"{arch}.hidden_activation"
 
 # Per-layer parameters (suffix after "model.layers.N.") -> GGUF tensor kind.
 _LAYER_TENSORS: dict[str, MODEL_TENSOR] = {
@@ -139,10 +151,10 @@ def refusal_reason(
     if quant in TQ_TYPES and config.hidden_act != "silu":
         return (
             f"hidden_act={config.hidden_act!r}: llama.cpp's `bitnet` architecture gates the FFN "
-            "with SiLU (LLM_FFN_SILU in src/models/bitnet.cpp), so this model would load but "
-            "compute a different function (about 30% logit error for relu2). TQ1_0/TQ2_0 serve "
-            "silu models; export relu2 (2B4T-style) models with --quant i2_s for bitnet.cpp's "
-            "`bitnet-b1.58` architecture"
+            "with SiLU (LLM_FFN_SILU in src/models/bitnet.cpp) and upstream does not yet read "
+            "bitnet.hidden_activation, so this model would load but compute a different function "
+            "(about 30% logit error for relu2). TQ1_0/TQ2_0 serve silu models; export relu2 "
+            "(2B4T-style) models with --quant i2_s for bitnet.cpp's `bitnet-b1.58` architecture"
         )
     block = TQ_BLOCK if quant in TQ_TYPES else I2S_BLOCK
     rows = sorted({cols for _, _, cols in ternary_shapes(config) if cols % block})
@@ -191,8 +203,9 @@ def export_gguf(model: Any, tokenizer: Any, out_path: str | Path, quant: str,
         raise ExportError(f"cannot export {config.name!r} as GGUF {quant}: {reason}")
     if quant == "i2_s":
         logger.warning(
-            "bitnet.cpp's bitnet-b1.58 graph was written for relu2, but the fork pinned by "
-            "microsoft/BitNet in mid-2026 hard-codes SiLU (issues 588/602): check a %s model "
+            "the file says bitnet-b1.58.hidden_activation=%s; bitnet.cpp builds with the "
+            "activation fix (microsoft/BitNet PR 605) honour it, but the fork pinned by "
+            "microsoft/BitNet in mid-2026 hard-codes SiLU (issues 588/602): check the model "
             "against your build before relying on it", config.hidden_act,
         )
     vocab = vocab_from_tokenizer(tokenizer, config.vocab_size)
@@ -244,7 +257,7 @@ def _write_hparams(writer: GGUFWriter, config: BitNetConfig, quant: str) -> None
     if quant in TQ_TYPES:  # as upstream's BitnetModel.set_gguf_parameters
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(1.0)
-    writer.add_string(HIDDEN_ACT_KEY, config.hidden_act)
+    writer.add_string(hidden_activation_key(ARCHS[quant]), config.hidden_act)
 
 
 def _add_embedding(writer: GGUFWriter, name: str, embed: np.ndarray, embedding_type: str) -> None:
@@ -326,10 +339,11 @@ def import_gguf(path: str | Path) -> tuple[Any, Any]:
     Each ternary matrix becomes ``W = T * a / mean(|T|)``: our quantizer then recovers exactly
     ``T`` and ``a`` (``mean(|W|) = a``), so the model's forward equals the packed model's forward
     (a plain ``T * a`` would re-quantize to the scale ``a * mean(|T|)``). Optional upstream
-    ``.scale`` tensors multiply ``a``. The FFN activation is read from our
-    ``bitnet_train.hidden_act`` key; without it, it is the one the file's engine computes (silu
-    for ``bitnet``, relu2 for ``bitnet-b1.58``). Returns (model, tokenizer or None if the file has
-    no byte-level BPE vocabulary). Raises CheckpointError naming the tensor on any mismatch.
+    ``.scale`` tensors multiply ``a``. The FFN activation is read from
+    ``<arch>.hidden_activation`` (or our legacy ``bitnet_train.hidden_act``); without either, it
+    is the one the file's engine computes (silu for ``bitnet``, relu2 for ``bitnet-b1.58``).
+    Returns (model, tokenizer or None if the file has no byte-level BPE vocabulary). Raises
+    CheckpointError naming the tensor on any mismatch.
     """
     path = Path(path)
     if not path.is_file():
@@ -437,7 +451,9 @@ def _config_from_fields(fields: dict[str, Any], path: Path) -> BitNetConfig:
             f"{path}: {arch}.rope.dimension_count={rope_dim} but head_dim is {hidden // heads}; "
             "partial RoPE is not supported"
         )
-    act = get(HIDDEN_ACT_KEY, required=False) or ("silu" if arch == "bitnet" else "relu2")
+    act = (get(hidden_activation_key(arch), required=False)
+           or get(LEGACY_HIDDEN_ACT_KEY, required=False)
+           or ("silu" if arch == "bitnet" else "relu2"))
     try:
         return BitNetConfig(
             vocab_size=int(vocab),
