@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from bitnet_train.atomic import atomic_directory
+from bitnet_train.data.chat import EOT_TOKEN
 from bitnet_train.data.tokenizer import save_tokenizer
 from bitnet_train.errors import ExportError
 from bitnet_train.export.packing import VALUES_PER_BYTE, pack_ternary
@@ -49,9 +50,6 @@ from bitnet_train.model.modeling import BitNetForCausalLM
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 GENERATION_CONFIG_FILE = "generation_config.json"
-EOT_TOKEN = "<|eot_id|>"
-"""LLaMA-3's end-of-turn token: the chat template ends every turn with it, so generation stops
-there too (the released 2B4T lists it beside <|end_of_text|> in generation_config.json)."""
 LM_HEAD = "lm_head.weight"
 EMBED = "model.embed_tokens.weight"
 
@@ -86,7 +84,8 @@ def hf_config_dict(config: BitNetConfig, quantization_mode: str, dtype: torch.dt
 
 def generation_config_dict(config: BitNetConfig, tokenizer: Any = None) -> dict[str, Any]:
     """bos / eos / pad ids for `generation_config.json`; eos includes <|eot_id|> when the
-    tokenizer has it, so chat replies stop at the end of the turn."""
+    tokenizer has it: the chat template ends every turn with it, so chat replies stop at the end
+    of the turn (the released 2B4T lists it beside <|end_of_text|>)."""
     eos: list[int] = [] if config.eos_token_id is None else [int(config.eos_token_id)]
     pad = config.pad_token_id
     if tokenizer is not None:

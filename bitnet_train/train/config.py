@@ -272,6 +272,22 @@ def compose(
         return hydra_compose(config_name=config_name, overrides=[*extra, *(overrides or [])])
 
 
+def with_derived_values(cfg: TrainConfig, processes: int) -> TrainConfig:
+    """`cfg` with what is derived at start filled in, so that the written config.yaml records
+    what the run uses: trainer.grad_accum from trainer.global_batch_tokens (pretraining)."""
+    if cfg.objective.name != "pretrain" or cfg.trainer.global_batch_tokens <= 0:
+        return cfg
+    grad_accum = derive_grad_accum(cfg.trainer, cfg.data.seq_len, processes)
+    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer,
+                                                                grad_accum=grad_accum))
+
+
+def config_yaml(cfg: TrainConfig) -> str:
+    """The run's config as YAML: every field of every section, defaults and derived values
+    included (what `config.yaml` in the output directory holds)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
 def derive_grad_accum(trainer: TrainerConfig, seq_len: int, processes: int) -> int:
     """Micro-batches per step per process that make `trainer.global_batch_tokens`."""
     if trainer.global_batch_tokens <= 0:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from bitnet_train.errors import CheckpointError, ConfigError
 from bitnet_train.model import BitNetConfig, BitNetForCausalLM, build_model
@@ -29,7 +29,9 @@ from bitnet_train.train.config import (
     ModelSection,
     TrainConfig,
     check_search_path,
+    config_yaml,
     to_train_config,
+    with_derived_values,
 )
 from bitnet_train.train.data_plan import build_batch_plan
 from bitnet_train.train.objectives.dpo import DPOObjective, make_reference
@@ -52,17 +54,16 @@ class RunResult:
 
 
 def run_from_hydra(cfg: DictConfig) -> RunResult:
-    """Hydra entry: validate at the edge, log the resolved config, run."""
+    """Hydra entry: validate at the edge, run (config.yaml records the resolved config)."""
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from hydra.core.hydra_config import HydraConfig
 
     check_search_path(HydraConfig.get().runtime.config_sources)
-    resolved = OmegaConf.to_yaml(cfg, resolve=True)
     train_cfg = to_train_config(cfg)
     if train_cfg.output_dir is None:
         train_cfg.output_dir = HydraConfig.get().runtime.output_dir
-    return run(train_cfg, resolved_yaml=resolved)
+    return run(train_cfg)
 
 
 def build_accelerator(cfg: TrainConfig, output_dir: Path) -> Accelerator:
@@ -143,7 +144,7 @@ def resolve_output_dir(cfg: TrainConfig) -> Path:
     return Path("outputs") / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}-{cfg.run_name}"
 
 
-def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
+def run(cfg: TrainConfig) -> RunResult:
     """Train `cfg` to the end and save DIR/final with `save_model`."""
     from bitnet_train.data.tokenizer import load_tokenizer, save_tokenizer
     from bitnet_train.io import save_model
@@ -151,10 +152,10 @@ def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
     output_dir = resolve_output_dir(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = build_accelerator(cfg, output_dir)
+    cfg = with_derived_values(cfg, accelerator.num_processes)
     set_seed(cfg.seed)
     if accelerator.is_main_process:
-        (output_dir / "config.yaml").write_text(resolved_yaml or json.dumps(
-            dataclasses.asdict(cfg), default=str, indent=2))
+        (output_dir / "config.yaml").write_text(config_yaml(cfg))
         log.info("run %s (%s) in %s", cfg.run_name, code_version(), output_dir)
 
     tokenizer = load_tokenizer(cfg.tokenizer)

@@ -12,6 +12,7 @@ step's gradient is exactly that of the mean (or sum) over the whole global batch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import resource
@@ -89,7 +90,6 @@ class Trainer:
         flops_per_token: float = 0.0,
         peak_tflops: float = 0.0,
         progress_bar: bool = True,
-        on_log: Callable[[StepResult], None] | None = None,
     ) -> None:
         self.accelerator = accelerator
         self.model = model
@@ -108,10 +108,11 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.peak_tflops = peak_tflops
         self.progress_bar = progress_bar
-        self.on_log = on_log
         self.step = 0
         self.history: list[StepResult] = []
         self.last_checkpoint: str | None = None
+        self.checkpointed_step: int | None = None
+        """The step `last_checkpoint` holds (saved or resumed from); None before any."""
 
     # -- one step ---------------------------------------------------------------------------
     def _fetch(self) -> list[dict[str, Tensor]]:
@@ -125,7 +126,7 @@ class Trainer:
 
     def forward_backward_step(self, batch: dict[str, Tensor], scale: float, sync: bool):
         """Forward one micro-batch and backpropagate `scale * loss_sum`."""
-        ctx = self.accelerator.no_sync(self.model) if not sync else _nullcontext()
+        ctx = self.accelerator.no_sync(self.model) if not sync else contextlib.nullcontext()
         with ctx, self.accelerator.autocast():
             out = self.objective.micro_step(self.model, batch)
             self.accelerator.backward(out.loss_sum * scale)
@@ -204,7 +205,7 @@ class Trainer:
             if self.checkpoint_every and self.step % self.checkpoint_every == 0:
                 self.save_checkpoint()
         bar.close()
-        if not self.last_checkpoint or not self.last_checkpoint.endswith(f"{self.step:08d}"):
+        if self.checkpointed_step != self.step:  # the last step is not saved yet
             self.save_checkpoint()
         return self.history
 
@@ -218,8 +219,6 @@ class Trainer:
         else:
             m["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         self.accelerator.log(m, step=result.step + 1)
-        if self.on_log is not None:
-            self.on_log(StepResult(step=result.step, metrics=m))
         if self.accelerator.is_main_process:
             shown = " ".join(f"{k}={v:.4g}" for k, v in m.items())
             log.info("step %d/%d %s", result.step + 1, self.total_steps, shown)
@@ -242,7 +241,8 @@ class Trainer:
         acc.wait_for_everyone()
         staging = ckpt.staging_dir(self.step)
         try:
-            acc.save_state(str(staging))
+            with _without_tied_head_notice():
+                acc.save_state(str(staging))
             # each rank reads its own shard of the data: one stream state per rank
             torch.save(self.data.state_dict(), staging / f"data_state_rank{acc.process_index}.pt")
             if acc.is_main_process:
@@ -265,6 +265,7 @@ class Trainer:
             log.info("checkpoint %s", path)
         acc.wait_for_everyone()
         self.last_checkpoint = path or str(ckpt.root / f"step_{self.step:08d}")
+        self.checkpointed_step = self.step
         return self.last_checkpoint
 
     def load_checkpoint(self, path) -> None:
@@ -283,14 +284,30 @@ class Trainer:
             ) from exc
         self.data.load_state_dict(data_state)
         self.last_checkpoint = str(path)
+        self.checkpointed_step = self.step
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
+TIED_HEAD_NOTICE = "Removed shared tensor {'lm_head.weight'} while saving"
+"""What accelerate's save_state warns at every checkpoint of a model with a tied lm_head."""
 
-    def __exit__(self, *exc):
-        return False
+
+class _DropTiedHeadNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return TIED_HEAD_NOTICE not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_tied_head_notice():
+    """Silence accelerate's notice about the tied lm_head, and only it: safetensors cannot store
+    shared tensors, the tie is restored on load, and exact resume is tested; any other shared
+    tensor is still reported."""
+    logger = logging.getLogger("accelerate.utils.other")
+    drop = _DropTiedHeadNotice()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 @torch.no_grad()

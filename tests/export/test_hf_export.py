@@ -41,7 +41,13 @@ from bitnet_train.export.size import hf_size_report
 from bitnet_train.export_cli import main as export_main
 from bitnet_train.export_cli import resolve_config
 from bitnet_train.io import save_model
-from bitnet_train.model import BitNetForCausalLM, build_model, model_size, ternary_weight
+from bitnet_train.model import (
+    BitLinear,
+    BitNetForCausalLM,
+    build_model,
+    model_size,
+    ternary_weight,
+)
 from tests.conftest import tiny_config
 
 REL_TOL = 0.05
@@ -176,7 +182,7 @@ def test_packed_tensors(exported):
         assert "lm_head.weight" not in keys  # tied: transformers re-ties it
         assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
         assert f.get_tensor("model.norm.weight").dtype == torch.bfloat16
-        projections = model.bitlinear_modules()
+        projections = {n: m for n, m in model.named_modules() if isinstance(m, BitLinear)}
         assert len(projections) == 14
         for name, module in projections.items():
             packed = f.get_tensor(f"{name}.weight")
