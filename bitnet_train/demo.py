@@ -161,6 +161,18 @@ def transformers_reply(hf_dir: Path, question: str, max_new_tokens: int = 40) ->
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
+def quiet_libraries() -> None:
+    """The demo shows its five stages and their figures: no per-split or per-map progress bars
+    from datasets, no weight-loading bar or CPU notice from transformers (the trainer's own
+    progress bar and warnings stay)."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `bitnet-demo` and `scripts/demo.py`; returns the exit status."""
     parser = argparse.ArgumentParser(prog="bitnet-demo", description=__doc__.splitlines()[0])
@@ -172,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                              "recipes read them with BITNET_DEMO_DIR=OUT)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
     t0 = time.perf_counter()
     if args.data_only:
         paths = prepare_demo_data(Path(args.out) / "data")

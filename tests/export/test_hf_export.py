@@ -336,6 +336,20 @@ def test_dry_run_prints_every_format(capsys):
     assert "412.892 MB at log2(3)" in out and "521.011 MB at 2 bits" in out
 
 
+def test_dry_run_composes_a_users_model_config(tmp_path, capsys):
+    """A model YAML of one's own, by name with --config-dir or by path, composed by Hydra like a
+    run's model group (its defaults list starts from the shipped tiny)."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "wide_tiny.yaml").write_text(
+        "defaults: [tiny, _self_]\nname: wide_tiny\nhidden_size: 512\n")
+    assert export_main(["wide_tiny", "--config-dir", str(tmp_path), "--dry-run"]) == 0
+    assert "model wide_tiny: params total" in capsys.readouterr().out
+    cfg = resolve_config(tmp_path / "model" / "wide_tiny.yaml")
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (512, 4, 4096)
+    assert export_main(["wide_tiny", "--dry-run"]) == 1  # not shipped
+    assert "known names: 1.3b, 2b4t" in capsys.readouterr().err
+
+
 def test_cli_errors_are_clear(tmp_path, capsys):
     assert export_main([str(tmp_path / "missing"), "--format", "hf", "--out",
                         str(tmp_path / "o")]) == 1
