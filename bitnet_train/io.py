@@ -60,7 +60,8 @@ def save_model(
 
     Args:
         model: our BitNetForCausalLM (unwrapped from DDP/FSDP/accelerate).
-        path: output directory; replaced atomically if it exists.
+        path: output directory; replaced atomically if it is an earlier model directory (a
+            non-empty directory without config.json is refused, never overwritten).
         tokenizer: a transformers tokenizer, saved with `save_tokenizer` (chat template included;
             loadable by transformers 4.x and 5.x).
         dtype: cast floating weights (torch.bfloat16 gives the 2B4T-bf16 layout); None keeps the
