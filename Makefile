@@ -1,5 +1,6 @@
 # make demo : create .venv, install, run the tiny pretrain -> SFT -> DPO -> export pipeline (CPU)
-# make test : create .venv, install (with test extras and llama-cpp-python), run the test suite
+# make test : create .venv, install (with test extras, llama-cpp-python and a transformers 4.57
+#             tree for one test), run the test suite
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -32,14 +33,24 @@ $(VENV)/.engines: $(STAMP)
 	  echo "llama-cpp-python did not build: the llama.cpp parity test will be skipped"
 	touch $(VENV)/.engines
 
+# transformers 4.57 beside the venv's 5.x, for the test that loads our exports with 4.x
+# (tests/export/test_transformers4.py runs it in a second process with this tree first on its
+# path). Only the three packages whose versions differ; the rest comes from the venv.
+TRANSFORMERS4 := $(VENV)/transformers-4.57
+$(TRANSFORMERS4)/.installed: | $(PY)
+	$(PIP) install -q --no-deps --target $(TRANSFORMERS4) "transformers==4.57.6" \
+	  "huggingface_hub>=0.34,<1.0" "tokenizers>=0.22,<=0.23.0"
+	touch $@
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
-test: $(STAMP) $(VENV)/.engines
+test: $(STAMP) $(VENV)/.engines $(TRANSFORMERS4)/.installed
 	$(VENV)/bin/ruff check bitnet_train scripts tests train.py
-	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -ra --durations=15
+	WANDB_MODE=offline HF_HUB_OFFLINE=1 BITNET_TRANSFORMERS4_DIR=$(abspath $(TRANSFORMERS4)) \
+	  $(VENV)/bin/pytest -q -ra --durations=15
 
 gpu-test: $(STAMP)
 	$(VENV)/bin/pytest -q -m gpu -ra

@@ -1,5 +1,10 @@
-"""Console entry points: `bitnet-train` (the Hydra app of train.py; `bitnet-train data-preview`)
-and `bitnet-export`."""
+"""Console entry points: `bitnet-train` (and `bitnet-train data-preview`), `bitnet-export`,
+`bitnet-import`, `bitnet-demo`.
+
+Each works from any directory: the configs and recipes ship inside the package
+(`bitnet_train/configs`), and every path on the command line is taken relative to the current
+directory.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,11 @@ import sys
 
 def train_main() -> None:
     """`bitnet-train +recipe=NAME key=value ...`: same as `python train.py ...`.
-    `bitnet-train data-preview +recipe=NAME ...`: the first packed rows of a pretraining stage."""
+    `bitnet-train data-preview +recipe=NAME ...`: the first packed rows of a pretraining stage.
+
+    Add a config directory of your own with Hydra's `--config-dir DIR` (its `recipe/`,
+    `model/`, `data/` ... files are then found beside the shipped ones).
+    """
     if sys.argv[1:2] == ["data-preview"]:
         from bitnet_train.data.preview import main
 
@@ -25,7 +34,27 @@ def train_main() -> None:
 
 
 def export_main() -> None:
-    """`bitnet-export CHECKPOINT --format FORMAT --out PATH`."""
-    from bitnet_train.export.cli import main
+    """`bitnet-export CHECKPOINT --format FORMAT --out PATH` (or `--dry-run`)."""
+    from bitnet_train.export_cli import main
+
+    sys.exit(main())
+
+
+def import_main() -> None:
+    """`bitnet-import SOURCE --out DIR`: released or exported weights -> master weights."""
+    from bitnet_train.export_cli import import_main as main
+
+    sys.exit(main())
+
+
+def demo_main() -> None:
+    """`bitnet-demo [--out DIR] [--data-only]`: the `make demo` pipeline."""
+    import os
+
+    # before any Hugging Face import (huggingface_hub reads HF_HUB_OFFLINE once, at import)
+    for key, value in (("WANDB_MODE", "offline"), ("HF_HUB_OFFLINE", "1"),
+                       ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(key, value)
+    from bitnet_train.demo import main
 
     sys.exit(main())

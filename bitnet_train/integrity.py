@@ -216,6 +216,22 @@ def publish_file(tmp: str | Path, final: str | Path) -> Path:
     return final
 
 
+def write_sidecar(file: str | Path) -> Path:
+    """Hash the published `file` and write its sidecar manifest (`NAME.manifest.json`).
+
+    Callers remove the old sidecar before they replace the file (`discard_sidecar`), so a kill at
+    any point leaves no manifest that describes other bytes."""
+    file = Path(file)
+    sidecar = sidecar_path(file)
+    _write_atomic(sidecar, manifest_text(build_manifest(file.parent, [file.name])))
+    return sidecar
+
+
+def discard_sidecar(file: str | Path) -> None:
+    """Remove `file`'s sidecar manifest, before `file` is replaced."""
+    sidecar_path(file).unlink(missing_ok=True)
+
+
 def verify_file(file: str | Path) -> bool:
     """Verify `file` against its sidecar manifest; False when it has none."""
     file = Path(file)

@@ -5,196 +5,50 @@
 `quantization_config = {quant_method: bitnet, linear_class: autobitlinear, quantization_mode:
 online}` so that transformers quantizes on the fly exactly like our forward), `model.safetensors`
 (the latent weights; a tied `lm_head` is not stored, as transformers does),
-`generation_config.json` and the tokenizer. The directory appears complete or not at all.
+`generation_config.json` and the tokenizer. The directory appears complete or not at all. The
+writer is `bitnet_train.export.hf.write_master`.
 
 `load_model` reads that layout (single-file or sharded safetensors) and also, through
 `bitnet_train.export.importers`, transformers' PACKED layout (microsoft/bitnet-b1.58-2B-4T:
 uint8 weights, `quantization_mode: offline`) and, through `bitnet_train.export.gguf`, our GGUF
 files. Keys and shapes are checked against the config before any weight is read.
+
+This module is where loading lives: it imports the exporters' readers and writers, and nothing
+under `bitnet_train/export` imports it back, so the arrows run one way.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from bitnet_train.errors import BitNetTrainError, CheckpointError, WriteError
-from bitnet_train.integrity import refuse_non_finite, verify_directory, write_manifest
+from bitnet_train.errors import CheckpointError
+from bitnet_train.export.gguf import import_gguf
+from bitnet_train.export.hf import (
+    CONFIG_FILE,
+    EMBED,
+    LM_HEAD,
+    WEIGHTS_FILE,
+    write_master,
+)
+from bitnet_train.export.importers import is_packed_layout, master_state_from_packed
+from bitnet_train.integrity import refuse_non_finite, verify_directory
 from bitnet_train.model.config import BitNetConfig
 from bitnet_train.model.modeling import BitNetForCausalLM, RotaryEmbedding
+from bitnet_train.model.size import parameter_shapes
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-EOT_TOKEN = "<|eot_id|>"
-"""LLaMA-3's end-of-turn token: the chat template ends every turn with it, so generation stops
-there too (the released 2B4T lists it beside <|end_of_text|> in generation_config.json)."""
-
-LM_HEAD = "lm_head.weight"
-EMBED = "model.embed_tokens.weight"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 IGNORED_KEYS = ("rotary_emb.inv_freq",)
 """Keys some checkpoints store that are recomputed from the config (transformers ignores them)."""
-
-
-def quantization_config(mode: str) -> dict[str, str]:
-    """transformers' BitNet quantization config: `online` (latent weights, quantized each
-    forward, as we train) or `offline` (packed ternary weights with a stored scale)."""
-    return {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": mode}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """torch.bfloat16 -> "bfloat16" (the spelling of config.json's `dtype`)."""
-    return str(dtype).removeprefix("torch.")
-
-
-def hf_config_dict(config: BitNetConfig, quantization_mode: str, dtype: torch.dtype) -> dict:
-    """`config.json` content: our config, the BitNet quantization config and the storage dtype.
-
-    The dtype is written as both `dtype` (transformers 5) and `torch_dtype` (4.x); with
-    `dtype="auto"` transformers loads the model in it.
-    """
-    d = config.to_hf_dict()
-    d.pop("auto_map", None)  # a remote-code pointer read from some config.json: we ship no code
-    d["quantization_config"] = quantization_config(quantization_mode)
-    d["dtype"] = d["torch_dtype"] = dtype_name(dtype)
-    return d
-
-
-def generation_config_dict(config: BitNetConfig, tokenizer: Any = None) -> dict[str, Any]:
-    """bos / eos / pad ids for `generation_config.json`; eos includes <|eot_id|> when the
-    tokenizer has it, so chat replies stop at the end of the turn."""
-    eos: list[int] = [] if config.eos_token_id is None else [int(config.eos_token_id)]
-    pad = config.pad_token_id
-    if tokenizer is not None:
-        if tokenizer.eos_token_id is not None and int(tokenizer.eos_token_id) not in eos:
-            eos.append(int(tokenizer.eos_token_id))
-        eot = tokenizer.get_vocab().get(EOT_TOKEN)
-        if eot is not None and eot not in eos:
-            eos.append(int(eot))
-        if pad is None:
-            pad = tokenizer.pad_token_id
-    out: dict[str, Any] = {"bos_token_id": config.bos_token_id, "pad_token_id": pad}
-    out["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def state_for_saving(
-    model: BitNetForCausalLM, dtype: torch.dtype | None = None, skip: frozenset | set = frozenset()
-) -> dict[str, Tensor]:
-    """CPU, contiguous copies of the model's tensors in transformers' key layout.
-
-    A tied `lm_head.weight` is dropped (transformers re-ties it from `tie_word_embeddings`;
-    safetensors also refuses tensors that share memory). `dtype` casts floating tensors;
-    names in `skip` are left out (the packed exporter writes those itself).
-    """
-    state: dict[str, Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        if name in skip or (name == LM_HEAD and model.config.tie_word_embeddings):
-            continue
-        t = tensor.detach()
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        state[name] = t.to("cpu", copy=True).contiguous()
-    return state
-
-
-@contextmanager
-def atomic_directory(path: str | Path, expected_bytes: int | None = None) -> Iterator[Path]:
-    """Yield a temporary sibling of `path` to fill; on success it replaces `path` by a rename.
-
-    A reader therefore sees the old complete directory, the new complete one, or (for the
-    instant between two renames, when `path` existed before) none, never a half-written one.
-    On error the temporary directory is removed and `path` is left untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and not path.is_dir():
-        raise CheckpointError(f"{path} exists and is not a directory; choose another output path")
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()  # unlike tempfile.mkdtemp (mode 0700), honours the umask like the final dir
-    try:
-        yield tmp
-    except BaseException as exc:
-        if isinstance(exc, BitNetTrainError) or not isinstance(exc, Exception):
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        raise _write_error(path, tmp, exc, expected_bytes) from exc
-    old = tmp.with_name(tmp.name.replace(".tmp-", ".old-")) if path.exists() else None
-    if old is not None:
-        os.replace(path, old)
-    try:
-        os.replace(tmp, path)
-    except OSError:
-        if old is not None:
-            os.replace(old, path)  # put the previous complete directory back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_error(path: Path, tmp: Path, exc: Exception, needed: int | None) -> WriteError:
-    """Remove the partial `tmp` and say why `path` could not be written, whichever library
-    raised `exc` (torch, safetensors, tokenizers, gguf...)."""
-    from bitnet_train.write_errors import describe_failure, free_bytes, tree_bytes
-
-    free, staged = free_bytes(tmp), tree_bytes(tmp)
-    shutil.rmtree(tmp, ignore_errors=True)
-    full, details = describe_failure(exc, needed, free, staged)
-    kept = "the previous version is intact" if path.exists() else "nothing was written"
-    return WriteError(f"{'disk full' if full else 'write failed'} while writing {path} "
-                      f"{details}; the partial copy was removed and {kept}")
-
-
-def recover_atomic_directory(path: str | Path) -> list[Path]:
-    """Clean up after `atomic_directory(path)` calls that were killed; returns what was removed.
-
-    Killed while filling, they leave `.NAME.tmp-*`; killed between their two renames, `path`
-    is missing and `.NAME.old-*` holds the previous complete directory, which is put back.
-    Call it only where no other process writes `path` at the same time (e.g. at a run's start).
-    """
-    path = Path(path)
-    olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if olds and not path.exists():
-        os.replace(olds.pop(), path)
-    removed = [*path.parent.glob(f".{path.name}.tmp-*"), *olds]
-    for p in removed:
-        shutil.rmtree(p, ignore_errors=True)
-    return removed
-
-
-def write_hf_directory(
-    path: str | Path,
-    config_dict: dict[str, Any],
-    tensors: dict[str, Tensor],
-    generation: dict[str, Any],
-    tokenizer: Any = None,
-) -> Path:
-    """Atomically write config.json, model.safetensors, generation_config.json and the tokenizer."""
-    path = Path(path)
-    with atomic_directory(path, sum(t.numel() * t.element_size() for t in tensors.values())) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
-        (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        write_manifest(tmp)  # last: sizes and SHA-256 of every file, checked by load_model
-    return path
 
 
 def save_model(
@@ -207,16 +61,14 @@ def save_model(
 
     Args:
         model: our BitNetForCausalLM (unwrapped from DDP/FSDP/accelerate).
-        path: output directory; replaced atomically if it exists.
-        tokenizer: a transformers tokenizer, saved with `save_pretrained` (chat template included).
+        path: output directory; replaced atomically if it is an earlier model directory (a
+            non-empty directory without config.json is refused, never overwritten).
+        tokenizer: a transformers tokenizer, saved with `save_tokenizer` (chat template included;
+            loadable by transformers 4.x and 5.x).
         dtype: cast floating weights (torch.bfloat16 gives the 2B4T-bf16 layout); None keeps the
             model's dtype (fp32 masters: reloading gives bit-identical weights and forward).
     """
-    state = state_for_saving(model, dtype)
-    stored = dtype or model.model.embed_tokens.weight.dtype
-    config_dict = hf_config_dict(model.config, "online", stored)
-    return write_hf_directory(path, config_dict, state,
-                              generation_config_dict(model.config, tokenizer), tokenizer)
+    return write_master(model, path, tokenizer=tokenizer, dtype=dtype)
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -276,13 +128,6 @@ def read_tensors(path: str | Path) -> dict[str, Tensor]:
     return out
 
 
-def expected_shapes(config: BitNetConfig) -> dict[str, tuple[int, ...]]:
-    """name -> shape of every tensor the model's state_dict holds (built on the meta device)."""
-    with torch.device("meta"):
-        model = BitNetForCausalLM(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
 def check_shapes(
     expected: dict[str, tuple[int, ...]],
     found: dict[str, tuple[int, ...]],
@@ -328,7 +173,7 @@ def model_from_state(
     The model is built on the meta device and the loaded tensors are assigned, so no random
     init runs and no second copy of the weights is allocated.
     """
-    check_shapes(expected_shapes(config), {k: tuple(v.shape) for k, v in state.items()},
+    check_shapes(parameter_shapes(config), {k: tuple(v.shape) for k, v in state.items()},
                  config.tie_word_embeddings, source)
     state = {k: v for k, v in state.items() if not k.endswith(IGNORED_KEYS)}
     if config.tie_word_embeddings:
@@ -382,7 +227,7 @@ def load_model(
     """
     path = Path(path)
     if path.suffix == ".gguf":
-        model, tokenizer = _import_gguf(path)
+        model, tokenizer = import_gguf(path)
         refuse_non_finite(model.named_parameters(), path)
         return model.to(device=device, dtype=dtype).eval(), tokenizer
     if not path.is_dir():
@@ -391,26 +236,13 @@ def load_model(
     config_dict = read_config_dict(path)
     config = BitNetConfig.from_hf_dict(config_dict, name=path.name)
     info = read_tensor_info(path)
-
-    from bitnet_train.export.importers import is_packed_layout, master_state_from_packed
-
     if is_packed_layout(config_dict, {k: v[1] for k, v in info.items()}):
         state = master_state_from_packed(read_tensors(path), config, config_dict, source=path)
     else:
-        check_shapes(expected_shapes(config), {k: v[0] for k, v in info.items()},
+        check_shapes(parameter_shapes(config), {k: v[0] for k, v in info.items()},
                      config.tie_word_embeddings, path)
         state = read_tensors(path)
     model = model_from_state(config, state, dtype=dtype, device=device, source=path)
     refuse_non_finite(model.named_parameters(), path)
     return model, load_tokenizer_if_present(path)
 
-
-def _import_gguf(path: Path) -> tuple[BitNetForCausalLM, Any]:
-    try:
-        from bitnet_train.export.gguf import import_gguf
-    except ImportError as err:
-        raise CheckpointError(
-            f"cannot read {path}: the GGUF importer (bitnet_train.export.gguf.import_gguf) is not "
-            f"available ({err})"
-        ) from err
-    return import_gguf(path)

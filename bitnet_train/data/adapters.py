@@ -44,8 +44,9 @@ LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 @dataclass
-class SourceConfig:
-    """One data source of a mixture."""
+class ChatSourceConfig:
+    """One chat or preference source of an SFT / DPO mixture (pretraining sources are
+    `bitnet_train.data.config.SourceConfig`; the fields they share have the same names)."""
 
     name: str = ""
     """Label in logs and errors; defaults to `path`."""
@@ -59,8 +60,8 @@ class SourceConfig:
     weight: float = 1.0
     """Upsampling factor: each epoch holds round(weight * records kept) of this source's
     examples, whole copies plus a seeded subset (1.0 = each once, 0.5 = a fixed half)."""
-    subset: str | None = None
-    """Hub config name (`load_dataset(path, subset)`), if the dataset has several."""
+    config_name: str | None = None
+    """Hub dataset configuration (`load_dataset(path, name=...)`), if the dataset has several."""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -254,7 +255,7 @@ def guess_format(record: dict[str, Any], kind: str) -> str | None:
     return "instruction" if {"instruction", "output"} <= keys else None
 
 
-def resolve_adapter(source: SourceConfig, kind: str, first_record: dict | None) -> Adapter:
+def resolve_adapter(source: ChatSourceConfig, kind: str, first_record: dict | None) -> Adapter:
     """The adapter of `source`: its format, else by hub id, else guessed from `first_record`."""
     name = source.format
     if name == "auto":
@@ -316,7 +317,7 @@ def local_files(path: str) -> tuple[str, list[str]] | None:
     return builders.pop(), files
 
 
-def load_source(source: SourceConfig, cache_dir: str | None = None):
+def load_source(source: ChatSourceConfig, cache_dir: str | None = None):
     """The source's records as a (non-streaming) `datasets.Dataset`."""
     import datasets
 
@@ -329,7 +330,7 @@ def load_source(source: SourceConfig, cache_dir: str | None = None):
             builder, files = local
             return datasets.load_dataset(builder, data_files=files, split=source.split,
                                          cache_dir=cache_dir)
-        return datasets.load_dataset(source.path, source.subset, split=source.split,
+        return datasets.load_dataset(source.path, name=source.config_name, split=source.split,
                                      cache_dir=cache_dir)
     except ConfigError:
         raise

@@ -31,9 +31,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
+from bitnet_train.data.packing import IGNORE_INDEX
 from bitnet_train.errors import DataError
 
-IGNORE_INDEX = -100
 BOS_TOKEN = "<|begin_of_text|>"
 EOT_TOKEN = "<|eot_id|>"
 ROLES = ("system", "user", "assistant")

@@ -38,6 +38,8 @@ import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
+"""Label of a position that carries no loss (transformers' and PyTorch's convention); the one
+definition, shared by the chat encoders, the losses and the objectives."""
 
 
 def frame_document(ids: Sequence[int], bos_id: int | None, eos_id: int) -> list[int]:

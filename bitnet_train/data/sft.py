@@ -3,7 +3,7 @@
     build_sft_dataset(cfg, tokenizer, rank, world_size) -> SFTDataset
       load each source (datasets.load_dataset, non-streaming: epochs need an exact length)
       -> adapter (record -> messages) -> encode_chat (assistant-only labels, truncation rule)
-      -> mixture by weight (upsampling factor, see SourceConfig.weight)
+      -> mixture by weight (upsampling factor, see ChatSourceConfig.weight)
       -> pack: first-fit decreasing into rows of at most max_len tokens (or one per row)
       -> each epoch: a seeded permutation of the rows, split over ranks, served as batches
 
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bitnet_train.data.adapters import SourceConfig, adapt, load_source, resolve_adapter
+from bitnet_train.data.adapters import ChatSourceConfig, adapt, load_source, resolve_adapter
 from bitnet_train.data.chat import IGNORE_INDEX, ChatEncoder, EncodeStats
 from bitnet_train.errors import ConfigError, DataError
 
@@ -45,7 +45,7 @@ BAD_RECORD_MODES = ("error", "skip")
 class ChatDataConfig:
     """Fields shared by the SFT and preference `data` sections (epochs are the trainer's)."""
 
-    sources: list[SourceConfig] = field(default_factory=list)
+    sources: list[ChatSourceConfig] = field(default_factory=list)
     """The mixture: each a hub id or local file with its format and weight."""
     max_len: int = 4096
     """Tokens per row."""
@@ -222,7 +222,7 @@ STAT_FIELDS = [f.name for f in fields(EncodeStats)]
 
 
 def encode_source(
-    source: SourceConfig,
+    source: ChatSourceConfig,
     kind: str,
     encode_one: Callable[[Any, EncodeStats], dict[str, list[int]] | None],
     columns: list[str],

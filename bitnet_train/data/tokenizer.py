@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import base64
 import importlib.util
+import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from tokenizers import (
     AddedToken,
@@ -108,6 +110,32 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     return tok
 
 
+# -- saving ----------------------------------------------------------------------------------
+
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+"""The class name every transformers release resolves to a generic fast tokenizer over
+tokenizer.json (the released 2B4T names it too). transformers 5 writes `TokenizersBackend`,
+its new name for that class, which 4.x cannot resolve ("Tokenizer class TokenizersBackend does
+not exist"); 5.x loads `PreTrainedTokenizerFast` as a TokenizersBackend."""
+VERSION_SPECIFIC_CLASSES = ("TokenizersBackend",)
+
+
+def save_tokenizer(tokenizer: Any, directory: str | Path) -> None:
+    """`tokenizer.save_pretrained(directory)`, with a `tokenizer_config.json` that transformers
+    4.x and 5.x both load: a version-specific generic class name becomes
+    `PreTrainedTokenizerFast`. Model-specific names (`LlamaTokenizer`, ...) are left alone: each
+    version resolves them to its fast class."""
+    tokenizer.save_pretrained(str(directory))
+    file = Path(directory) / TOKENIZER_CONFIG_FILE
+    if not file.is_file():
+        return
+    config = json.loads(file.read_text())
+    if config.get("tokenizer_class") in VERSION_SPECIFIC_CLASSES:
+        config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+        file.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
 def _wrap(tok: Tokenizer, specials: dict[str, str]) -> PreTrainedTokenizerFast:
     """Prepend BOS on `add_special_tokens=True` (LLaMA-3's TemplateProcessing), wrap for HF."""
     bos_id = tok.token_to_id(BOS)
@@ -153,7 +181,7 @@ def train_demo_tokenizer(
     )
     tok.train_from_iterator(texts, trainer)
     hf = _wrap(tok, {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD})
-    hf.save_pretrained(str(out_dir))
+    save_tokenizer(hf, out_dir)
     return hf
 
 
@@ -223,5 +251,5 @@ def llama3_tokenizer_from_tiktoken(
             raise DataError(f"special token {s} landed at id {tok.token_to_id(s)}, "
                             f"expected {LLAMA3_NUM_BASE_TOKENS + i}")
     hf = _wrap(tok, {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD})
-    hf.save_pretrained(str(out_dir))
+    save_tokenizer(hf, out_dir)
     return hf

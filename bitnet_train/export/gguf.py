@@ -9,7 +9,8 @@ written as trained (no permutation; llama.cpp's ``BitnetModel`` converter permut
 - ``tq1_0`` / ``tq2_0``: upstream llama.cpp, architecture ``bitnet`` (keys ``bitnet.*``). Its
   graph (``src/models/bitnet.cpp``) gates the FFN with SiLU (``LLM_FFN_SILU, LLM_FFN_PAR``): it
   serves ``hidden_act: silu`` models. A relu2 (2B4T) model would load and compute another
-  function, so it is refused with a pointer to ``i2_s``. The ternary scale travels in each TQ
+  function, so it is refused with a pointer to ``i2_s`` until upstream honours the activation
+  key below (ggml-org/llama.cpp PR 26751 was not merged). The ternary scale travels in each TQ
   block's fp16 ``d`` (see `gguf_pack`), as upstream's converter does; no ``.scale`` tensors.
   CPU, Metal and Vulkan backends run TQ types; activations are quantized per 256-value block
   (Q8_K), not per token, so logits differ from the training forward by a few percent.
@@ -22,9 +23,14 @@ written as trained (no permutation; llama.cpp's ``BitnetModel`` converter permut
   here, and a silu model's result depends on the build. No file is refused for this; a warning
   is logged.
 
-Embeddings are written f16 by default (``q8_0`` or ``f32`` on request), norms f32. Besides the
-engines' keys, ``bitnet_train.hidden_act`` records the FFN activation (engines ignore unknown
-keys) so `import_gguf` restores the exact model.
+The FFN activation is written as ``<arch>.hidden_activation`` (``relu2`` or ``silu``), the key
+that the fix llama.cpp and bitnet.cpp are converging on reads (ggml-org/llama.cpp PR 26751,
+microsoft/BitNet PR 605: ``relu2`` selects the squared-ReLU FFN, absence means SiLU), so our
+I2_S files of relu2 models compute the right function on engines carrying that fix; engines
+without it ignore the key. `import_gguf` reads it back (and, for files we wrote before it, our
+former private key ``bitnet_train.hidden_act``).
+
+Embeddings are written f16 by default (``q8_0`` or ``f32`` on request), norms f32.
 
 The PyPI `gguf` reader does not know type 36; `import_gguf` reads I2_S tensors through a small
 subclass of its reader that keeps them as raw bytes.
@@ -51,6 +57,7 @@ from gguf import (
 )
 from gguf.quants import dequantize, quantize
 
+from bitnet_train.atomic import atomic_file
 from bitnet_train.errors import CheckpointError, ConfigError, ExportError
 from bitnet_train.export.gguf_pack import (
     I2S_BLOCK,
@@ -73,9 +80,10 @@ from bitnet_train.export.gguf_vocab import (
 )
 from bitnet_train.export.importers import master_weight
 from bitnet_train.export.ternary import extract_ternary
-from bitnet_train.integrity import publish_file, verify_file
+from bitnet_train.integrity import discard_sidecar, verify_file, write_sidecar
 from bitnet_train.model.config import BitNetConfig
 from bitnet_train.model.modeling import BitNetForCausalLM
+from bitnet_train.model.size import ternary_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +99,13 @@ EMBEDDING_TYPES = {
     "f32": GGMLQuantizationType.F32,
     "q8_0": GGMLQuantizationType.Q8_0,
 }
-HIDDEN_ACT_KEY = "bitnet_train.hidden_act"
+LEGACY_HIDDEN_ACT_KEY = "bitnet_train.hidden_act"
+"""Where files written before `<arch>.hidden_activation` recorded the FFN activation."""
+
+
+def hidden_activation_key(arch: str) -> str:
+    """`<arch>.hidden_activation`: llama.cpp's LLM_KV_HIDDEN_ACT under the file's architecture."""
+    return f"{arch}.hidden_activation"
 
 # Per-layer parameters (suffix after "model.layers.N.") -> GGUF tensor kind.
 _LAYER_TENSORS: dict[str, MODEL_TENSOR] = {
@@ -125,13 +139,6 @@ def _is_ternary(name: str) -> bool:
     return name.endswith("_proj.weight")
 
 
-def _ternary_shapes(config: BitNetConfig) -> list[tuple[int, int]]:
-    """(out, in) of the 7 BitLinear matrices of one layer."""
-    h, m, hd = config.hidden_size, config.intermediate_size, config.head_dim
-    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    return [(q, h), (kv, h), (kv, h), (h, q), (m, h), (m, h), (h, m)]
-
-
 def refusal_reason(
     config: BitNetConfig, quant: str, tied: bool, embedding_type: str = "f16"
 ) -> str | None:
@@ -145,13 +152,13 @@ def refusal_reason(
     if quant in TQ_TYPES and config.hidden_act != "silu":
         return (
             f"hidden_act={config.hidden_act!r}: llama.cpp's `bitnet` architecture gates the FFN "
-            "with SiLU (LLM_FFN_SILU in src/models/bitnet.cpp), so this model would load but "
-            "compute a different function (about 30% logit error for relu2). TQ1_0/TQ2_0 serve "
-            "silu models; export relu2 (2B4T-style) models with --quant i2_s for bitnet.cpp's "
-            "`bitnet-b1.58` architecture"
+            "with SiLU (LLM_FFN_SILU in src/models/bitnet.cpp) and upstream does not yet read "
+            "bitnet.hidden_activation, so this model would load but compute a different function "
+            "(about 30% logit error for relu2). TQ1_0/TQ2_0 serve silu models; export relu2 "
+            "(2B4T-style) models with --quant i2_s for bitnet.cpp's `bitnet-b1.58` architecture"
         )
     block = TQ_BLOCK if quant in TQ_TYPES else I2S_BLOCK
-    rows = sorted({shape[1] for shape in _ternary_shapes(config) if shape[1] % block})
+    rows = sorted({cols for _, _, cols in ternary_shapes(config) if cols % block})
     if rows:
         return (
             f"row lengths {rows} (hidden_size, num_attention_heads * head_dim or "
@@ -197,8 +204,9 @@ def export_gguf(model: Any, tokenizer: Any, out_path: str | Path, quant: str,
         raise ExportError(f"cannot export {config.name!r} as GGUF {quant}: {reason}")
     if quant == "i2_s":
         logger.warning(
-            "bitnet.cpp's bitnet-b1.58 graph was written for relu2, but the fork pinned by "
-            "microsoft/BitNet in mid-2026 hard-codes SiLU (issues 588/602): check a %s model "
+            "the file says bitnet-b1.58.hidden_activation=%s; bitnet.cpp builds with the "
+            "activation fix (microsoft/BitNet PR 605) honour it, but the fork pinned by "
+            "microsoft/BitNet in mid-2026 hard-codes SiLU (issues 588/602): check the model "
             "against your build before relying on it", config.hidden_act,
         )
     vocab = vocab_from_tokenizer(tokenizer, config.vocab_size)
@@ -206,31 +214,33 @@ def export_gguf(model: Any, tokenizer: Any, out_path: str | Path, quant: str,
     params = dict(model.named_parameters(remove_duplicate=False))
 
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")  # renamed when complete: never a torn file
-    writer = GGUFWriter(tmp, ARCHS[quant])
-    _write_hparams(writer, config, quant)
-    write_vocab(writer, vocab)
-    for name, gguf_name in tensor_names(config).items():
-        if _is_ternary(name):
-            t = ternary[name]
-            codes, scale = t.codes.numpy(), float(t.scale)
-            if quant == "i2_s":
-                writer.add_tensor(gguf_name, pack_i2s(codes, scale, gguf_name),
-                                  raw_shape=codes.shape, raw_dtype=I2S_TYPE_ID)
-            else:
-                packed = pack_tq(codes, scale, quant, gguf_name)
-                writer.add_tensor(gguf_name, packed, raw_shape=packed.shape,
-                                  raw_dtype=TQ_TYPES[quant])
-        elif name == EMBED:
-            _add_embedding(writer, gguf_name, params[name].float().cpu().numpy(), embedding_type)
-        else:  # norms: f32 (ggml's norm ops take f32 weights)
-            writer.add_tensor(gguf_name, params[name].float().cpu().numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return publish_file(tmp, out_path)  # rename, then the sidecar manifest import_gguf checks
+    discard_sidecar(out_path)  # no manifest may describe the file while it is replaced
+    with atomic_file(out_path) as tmp:  # renamed when complete: never a torn file
+        writer = GGUFWriter(tmp, ARCHS[quant])
+        _write_hparams(writer, config, quant)
+        write_vocab(writer, vocab)
+        for name, gguf_name in tensor_names(config).items():
+            if _is_ternary(name):
+                t = ternary[name]
+                codes, scale = t.codes.numpy(), float(t.scale)
+                if quant == "i2_s":
+                    writer.add_tensor(gguf_name, pack_i2s(codes, scale, gguf_name),
+                                      raw_shape=codes.shape, raw_dtype=I2S_TYPE_ID)
+                else:
+                    packed = pack_tq(codes, scale, quant, gguf_name)
+                    writer.add_tensor(gguf_name, packed, raw_shape=packed.shape,
+                                      raw_dtype=TQ_TYPES[quant])
+            elif name == EMBED:
+                embed = params[name].float().cpu().numpy()
+                _add_embedding(writer, gguf_name, embed, embedding_type)
+            else:  # norms: f32 (ggml's norm ops take f32 weights)
+                writer.add_tensor(gguf_name, params[name].float().cpu().numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    write_sidecar(out_path)  # sizes and SHA-256, checked by import_gguf
+    return out_path
 
 
 def _write_hparams(writer: GGUFWriter, config: BitNetConfig, quant: str) -> None:
@@ -250,7 +260,7 @@ def _write_hparams(writer: GGUFWriter, config: BitNetConfig, quant: str) -> None
     if quant in TQ_TYPES:  # as upstream's BitnetModel.set_gguf_parameters
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(1.0)
-    writer.add_string(HIDDEN_ACT_KEY, config.hidden_act)
+    writer.add_string(hidden_activation_key(ARCHS[quant]), config.hidden_act)
 
 
 def _add_embedding(writer: GGUFWriter, name: str, embed: np.ndarray, embedding_type: str) -> None:
@@ -277,7 +287,7 @@ def gguf_size_report(
     quant, embedding_type = quant.lower(), embedding_type.lower()
     _check_args(quant, embedding_type)
     layers = config.num_hidden_layers
-    sizes = [o * i for o, i in _ternary_shapes(config)]
+    sizes = [o * i for _, o, i in ternary_shapes(config)]
     per_matrix = [i2s_bytes(n) if quant == "i2_s" else tq_bytes(n, quant) for n in sizes]
     codes = layers * sum(c for c, _ in per_matrix)
     scales = layers * sum(s for _, s in per_matrix)
@@ -332,10 +342,11 @@ def import_gguf(path: str | Path) -> tuple[Any, Any]:
     Each ternary matrix becomes ``W = T * a / mean(|T|)``: our quantizer then recovers exactly
     ``T`` and ``a`` (``mean(|W|) = a``), so the model's forward equals the packed model's forward
     (a plain ``T * a`` would re-quantize to the scale ``a * mean(|T|)``). Optional upstream
-    ``.scale`` tensors multiply ``a``. The FFN activation is read from our
-    ``bitnet_train.hidden_act`` key; without it, it is the one the file's engine computes (silu
-    for ``bitnet``, relu2 for ``bitnet-b1.58``). Returns (model, tokenizer or None if the file has
-    no byte-level BPE vocabulary). Raises CheckpointError naming the tensor on any mismatch.
+    ``.scale`` tensors multiply ``a``. The FFN activation is read from
+    ``<arch>.hidden_activation`` (or our legacy ``bitnet_train.hidden_act``); without either, it
+    is the one the file's engine computes (silu for ``bitnet``, relu2 for ``bitnet-b1.58``).
+    Returns (model, tokenizer or None if the file has no byte-level BPE vocabulary). Raises
+    CheckpointError naming the tensor on any mismatch.
     """
     path = Path(path)
     if not path.is_file():
@@ -444,7 +455,9 @@ def _config_from_fields(fields: dict[str, Any], path: Path) -> BitNetConfig:
             f"{path}: {arch}.rope.dimension_count={rope_dim} but head_dim is {hidden // heads}; "
             "partial RoPE is not supported"
         )
-    act = get(HIDDEN_ACT_KEY, required=False) or ("silu" if arch == "bitnet" else "relu2")
+    act = (get(hidden_activation_key(arch), required=False)
+           or get(LEGACY_HIDDEN_ACT_KEY, required=False)
+           or ("silu" if arch == "bitnet" else "relu2"))
     try:
         return BitNetConfig(
             vocab_size=int(vocab),

@@ -29,28 +29,37 @@ write it and ``gpu/model.py`` / ``gpu/bitnet_kernels`` read it:
 Limits of the released kernel, worth knowing before deploying this format: it is a decode
 kernel, dispatched only for M = 1 token and ten (N, K) shapes of the 2B4T-class models
 (`KERNEL_SHAPES`); any other call prints "required ladder gemm kernel" and leaves the output
-zero, so a multi-token prefill needs the fp16 file and a plain PyTorch path; it picks the
-scale of output row r as ``ws[r / (N / ws_num)]`` with ``ws_num = 6`` for the fused wqkv, i.e.
-six equal row groups, which does not match q / k / v boundaries under GQA (2B4T: q rows 640-1279
-read k's scale, k and v rows read past the 4 scales) - a probable bug that only equal scales
-hide; and ``gpu/model.py`` hard-codes the squared-ReLU FFN and the 2B4T dimensions. Export
-refuses non-relu2 models and warns about shapes the kernel lacks.
+zero, so a multi-token prefill needs the fp16 file and a plain PyTorch path; and
+``gpu/model.py`` hard-codes the squared-ReLU FFN and the 2B4T dimensions. Export refuses
+non-relu2 models and warns about shapes the kernel lacks.
+
+The kernel also scales the fused wqkv wrongly under GQA. ``bitnet_kernels.cu`` picks the scale
+of output row r as ``ws[r / (N / ws_num)]`` with ``ws_num = 3`` for the wqkv shape
+(3840, 2560): three equal row groups of 1280, while 2B4T's q / k / v have 2560 / 640 / 640
+rows. So q rows 1280-2559 read k's scale and k's rows (2560-3199) read v's
+(`wqkv_scale_misreads` lists the rows for any config). Measured on an H200 with Microsoft's own
+kernel (compiled for sm_90) fed our export of a 2-layer 2B4T-width model, one int8 activation
+row per matrix, against ``(x_q / s) @ (T * a)^T`` from our master weights: wo, w13, w2 within
+1.7e-3 to 4.4e-3 relative (bf16 output rounding), q rows 0-1279 and v rows within 3.8e-3, so
+the packing is exact; q rows 1280-2559 were 17% off and k rows 31% off. Every GQA model with
+distinct q / k / v scales, the released 2B4T included, gets wrong attention from that kernel;
+export warns (`WQKV_SCALE_WARNING`). The fp16 file is unaffected.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from bitnet_train.atomic import atomic_directory
 from bitnet_train.errors import CheckpointError, ExportError
 from bitnet_train.export.ternary import TernaryTensor, extract_ternary
-from bitnet_train.integrity import invalidate_manifest, verify_directory, write_manifest
+from bitnet_train.integrity import verify_directory, write_manifest
 from bitnet_train.model.config import BitNetConfig
 
 logger = logging.getLogger(__name__)
@@ -65,6 +74,15 @@ KERNEL_SHAPES = frozenset({
 })
 """(N, K) pairs compiled into gpu/bitnet_kernels/bitnet_kernels.cu."""
 N_SCALES = 4
+KERNEL_WQKV_SCALE_GROUPS = 3
+"""``ws_num`` of the fused wqkv in bitnet_kernels.cu: row r is scaled by ws[r / (N / 3)]."""
+WQKV_SCALE_WARNING = (
+    "Microsoft's GPU kernel scales fused wqkv row r by ws[r // (N / 3)] (three equal row "
+    "groups), which misses the q/k/v boundaries of this GQA model: %s. On an H200 with a "
+    "2-layer 2B4T-width export, such rows came out 17%% (q) and 31%% (k) off while every other "
+    "row matched within 4.4e-3; attention from model_state_int2.pt is wrong until the kernel "
+    "takes per-sub-matrix scales (model_state_fp16.pt is unaffected)"
+)
 
 # Word k of a tile holds tile row _WORD_ROW[k], columns 16 * _WORD_HALF[k] + 0..15.
 _K = torch.arange(32)
@@ -142,6 +160,33 @@ _NORMS = {  # gpu key suffix -> our norm
 }
 
 
+def wqkv_scale_misreads(config: BitNetConfig) -> list[tuple[str, int, int, str]]:
+    """Rows of the fused wqkv that the released kernel scales with another sub-matrix's scale.
+
+    Returns (sub-matrix, first row, last row, sub-matrix whose scale it reads), rows numbered
+    in the fused (N, K) matrix; empty when the three equal row groups coincide with q / k / v
+    (multi-head attention). 2B4T: [("q", 1280, 2559, "k"), ("k", 2560, 3199, "v")].
+    """
+    hd = config.head_dim
+    parts = [("q", config.num_attention_heads * hd), ("k", config.num_key_value_heads * hd),
+             ("v", config.num_key_value_heads * hd)]
+    group = sum(rows for _, rows in parts) // KERNEL_WQKV_SCALE_GROUPS  # N / ws_num, truncated
+    out: list[tuple[str, int, int, str]] = []
+    start = 0
+    for name, rows in parts:
+        first = start
+        while first < start + rows:  # runs of this sub-matrix's rows that read one scale
+            index = min(first // group, KERNEL_WQKV_SCALE_GROUPS - 1)
+            last = min((index + 1) * group, start + rows) - 1
+            if index == KERNEL_WQKV_SCALE_GROUPS - 1:
+                last = start + rows - 1
+            if parts[index][0] != name:
+                out.append((name, first, last, parts[index][0]))
+            first = last + 1
+        start += rows
+    return out
+
+
 def _head_counts(config: BitNetConfig) -> dict[str, int]:
     return {"self_attn.q_proj": config.num_attention_heads,
             "self_attn.k_proj": config.num_key_value_heads}
@@ -161,6 +206,11 @@ def export_gpu(model: Any, out_dir: str | Path) -> Path:
             "with squared ReLU (2B4T), so this model would run and compute a different function; "
             "the gpu format serves relu2 models only"
         )
+    misreads = wqkv_scale_misreads(config)
+    if misreads:
+        rows = "; ".join(f"{part} rows {first}-{last} read {read}'s scale"
+                         for part, first, last, read in misreads)
+        logger.warning(WQKV_SCALE_WARNING, rows)
     ternary = extract_ternary(model)
     params = dict(model.named_parameters(remove_duplicate=False))
     bf16 = {n: p.detach().to(torch.bfloat16).cpu()  # the full-precision parameters only
@@ -203,14 +253,11 @@ def export_gpu(model: Any, out_dir: str | Path) -> Path:
             sorted(missing_kernels), sorted(KERNEL_SHAPES),
         )
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    invalidate_manifest(out_dir)  # no manifest may describe files while they are replaced
-    for fname, obj in ((INT2_FILE, int2), (FP16_FILE, fp16)):
-        tmp = out_dir / f".{fname}.tmp"  # renamed when complete: never a torn file
-        torch.save(obj, tmp)
-        os.replace(tmp, out_dir / fname)
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
-    write_manifest(out_dir, [INT2_FILE, FP16_FILE, CONFIG_FILE])
+    with atomic_directory(out_dir, marker=CONFIG_FILE) as tmp:  # never a torn directory
+        torch.save(int2, tmp / INT2_FILE)
+        torch.save(fp16, tmp / FP16_FILE)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+        write_manifest(tmp, [INT2_FILE, FP16_FILE, CONFIG_FILE])
     return out_dir
 
 

@@ -1,6 +1,7 @@
 """Import released / exported weights back to master (latent) weights we can fine-tune.
 
-Three sources reach `bitnet_train.load_model`:
+Three sources reach `bitnet_train.load_model` (`bitnet_train.io`, which imports this module;
+this module does not import it back):
 - transformers' master layout (microsoft/bitnet-b1.58-2B-4T-bf16, our `save_model`, `--format
   hf-bf16`): a plain load, handled in `bitnet_train.io`.
 - transformers' PACKED layout (microsoft/bitnet-b1.58-2B-4T, `--format hf`): uint8 weights
@@ -32,6 +33,7 @@ from torch import Tensor
 from bitnet_train.errors import CheckpointError, ExportError
 from bitnet_train.export.packing import packed_rows, unpack_ternary
 from bitnet_train.model.config import BitNetConfig
+from bitnet_train.model.size import parameter_shapes
 
 SCALE_SUFFIX = "weight_scale"
 PROJ_SUFFIX = "_proj.weight"
@@ -66,9 +68,7 @@ def is_packed_layout(config_dict: dict[str, Any], dtypes: dict[str, str]) -> boo
 
 def _projection_shapes(config: BitNetConfig) -> dict[str, tuple[int, int]]:
     """Name -> (out, in) of every BitLinear weight, from the config."""
-    from bitnet_train.io import expected_shapes
-
-    return {k: v for k, v in expected_shapes(config).items() if k.endswith(PROJ_SUFFIX)}
+    return {k: v for k, v in parameter_shapes(config).items() if k.endswith(PROJ_SUFFIX)}
 
 
 def master_state_from_packed(

@@ -14,31 +14,18 @@ shipped format reaches it (TQ1_0 comes closest at 1.6875 bits per weight).
 
 from __future__ import annotations
 
-import importlib
-from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
-from bitnet_train.errors import ConfigError, ExportError
+from bitnet_train.errors import ExportError
+from bitnet_train.export.gguf import gguf_size_report
+from bitnet_train.export.gpu import gpu_size_report
 from bitnet_train.export.packing import VALUES_PER_BYTE, packed_rows
 from bitnet_train.model.config import BitNetConfig
-from bitnet_train.model.size import model_size
+from bitnet_train.model.size import model_size, ternary_shapes
 
 BF16_BYTES = 2
 FP32_BYTES = 4
 GGUF_QUANTS = ("tq2_0", "tq1_0", "i2_s")
-MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
-"""Where `--dry-run 2b4t` looks for `2b4t.yaml` (this checkout's configs/model)."""
-
-
-def ternary_shapes(config: BitNetConfig) -> list[tuple[str, int, int]]:
-    """(name, out, in) of the seven BitLinear matrices of one decoder layer."""
-    h, m = config.hidden_size, config.intermediate_size
-    q = config.num_attention_heads * config.head_dim
-    kv = config.num_key_value_heads * config.head_dim
-    return [("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, q),
-            ("gate_proj", m, h), ("up_proj", m, h), ("down_proj", h, m)]
 
 
 def hf_size_report(config: BitNetConfig, packed: bool = True) -> dict[str, Any]:
@@ -71,17 +58,6 @@ def hf_size_report(config: BitNetConfig, packed: bool = True) -> dict[str, Any]:
     }
 
 
-def exporter_function(module: str, function: str) -> Any:
-    """A function of another exporter module, imported only when that format is asked for."""
-    try:
-        return getattr(importlib.import_module(module), function)
-    except (ImportError, AttributeError) as err:
-        raise ExportError(
-            f"{module}.{function} is not available in this installation ({err}); this format "
-            "cannot be exported or sized"
-        ) from err
-
-
 def size_report(
     config: BitNetConfig, fmt: str, quant: str | None = None, embedding_type: str = "f16"
 ) -> dict[str, Any]:
@@ -89,10 +65,9 @@ def size_report(
     if fmt in ("hf", "hf-bf16"):
         return hf_size_report(config, packed=fmt == "hf")
     if fmt == "gguf":
-        report = exporter_function("bitnet_train.export.gguf", "gguf_size_report")
-        return report(config, quant or default_gguf_quant(config), embedding_type)
+        return gguf_size_report(config, quant or default_gguf_quant(config), embedding_type)
     if fmt == "gpu":
-        return exporter_function("bitnet_train.export.gpu", "gpu_size_report")(config)
+        return gpu_size_report(config)
     raise ExportError(f"unknown format {fmt!r}; choose hf, hf-bf16, gguf or gpu")
 
 
@@ -103,16 +78,9 @@ def default_gguf_quant(config: BitNetConfig) -> str:
 
 
 def all_size_reports(config: BitNetConfig, embedding_type: str = "f16") -> list[dict[str, Any]]:
-    """Every format (GGUF in each of its ternary types); formats whose exporter is missing are
-    reported with `refused` saying so."""
+    """Every format, GGUF in each of its ternary types."""
     wanted = [("hf", None), ("hf-bf16", None), *(("gguf", q) for q in GGUF_QUANTS), ("gpu", None)]
-    rows = []
-    for fmt, quant in wanted:
-        try:
-            rows.append(size_report(config, fmt, quant, embedding_type))
-        except ExportError as err:
-            rows.append({"format": fmt, "quant": quant, "refused": str(err)})
-    return rows
+    return [size_report(config, fmt, quant, embedding_type) for fmt, quant in wanted]
 
 
 def human_bytes(n: int | float) -> str:
@@ -137,69 +105,12 @@ def format_reports(config: BitNetConfig, rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         name = r["format"] + (f" {r['quant']}" if r.get("quant") else "")
-        if "total_bytes" not in r:  # the format's exporter is not available
-            lines.append(f"{name:<14}{'-':>13}{'-':>12}{'-':>13}{'-':>12}{'-':>13}{'-':>8}")
-        else:
-            bits = 8 * (r["ternary_bytes"] + r["scale_bytes"]) / max(size.ternary_params, 1)
-            lines.append(
-                f"{name:<14}{human_bytes(r['ternary_bytes']):>13}"
-                f"{human_bytes(r['scale_bytes']):>12}{human_bytes(r['embedding_bytes']):>13}"
-                f"{human_bytes(r['norm_bytes']):>12}{human_bytes(r['total_bytes']):>13}{bits:>8.3f}"
-            )
+        bits = 8 * (r["ternary_bytes"] + r["scale_bytes"]) / max(size.ternary_params, 1)
+        lines.append(
+            f"{name:<14}{human_bytes(r['ternary_bytes']):>13}"
+            f"{human_bytes(r['scale_bytes']):>12}{human_bytes(r['embedding_bytes']):>13}"
+            f"{human_bytes(r['norm_bytes']):>12}{human_bytes(r['total_bytes']):>13}{bits:>8.3f}"
+        )
         if r.get("refused"):
             lines.append(f"{'':<14}refused: {r['refused']}")
     return "\n".join(lines)
-
-
-# -- configs for --dry-run -------------------------------------------------------------------
-
-
-def _read_model_yaml(file: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A configs/model YAML with its Hydra `defaults` list resolved (other model configs first,
-    then this file; `model_schema` and `_self_` name the schema, not values)."""
-    if file in seen:
-        raise ConfigError(f"{file}: circular defaults list")
-    raw = OmegaConf.to_container(OmegaConf.load(file), resolve=True)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{file}: expected a mapping of BitNetConfig fields")
-    merged: dict[str, Any] = {}
-    for entry in raw.pop("defaults", []) or []:
-        if entry in ("model_schema", "_self_") or not isinstance(entry, str):
-            continue
-        merged.update(_read_model_yaml(file.parent / f"{entry}.yaml", (*seen, file)))
-    merged.update(raw)
-    return merged
-
-
-def config_from_yaml(file: str | Path) -> BitNetConfig:
-    """BitNetConfig from a model YAML (fields equal BitNetConfig's; `init` is ignored)."""
-    file = Path(file)
-    if not file.is_file():
-        raise ConfigError(f"model config {file} does not exist")
-    values = _read_model_yaml(file)
-    values.pop("init", None)
-    fields = set(BitNetConfig.__dataclass_fields__)
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ConfigError(f"{file}: unknown model field {unknown[0]!r}")
-    return BitNetConfig(**values)
-
-
-def resolve_config(spec: str | Path) -> BitNetConfig:
-    """The config that `spec` names: a directory with config.json, a YAML file, or a size name
-    (`2b4t`, `tiny`, ...) under configs/model/."""
-    from bitnet_train.io import read_config_dict
-
-    path = Path(spec)
-    if path.is_dir():
-        return BitNetConfig.from_hf_dict(read_config_dict(path), name=path.name)
-    if path.suffix in (".yaml", ".yml"):
-        return config_from_yaml(path)
-    named = MODEL_CONFIG_DIR / f"{spec}.yaml"
-    if named.is_file():
-        return config_from_yaml(named)
-    known = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.yaml"))
-    raise ConfigError(
-        f"{spec!r} is neither a model directory (config.json) nor a model config; known names: "
-        f"{', '.join(known) or '(none found in ' + str(MODEL_CONFIG_DIR) + ')'}"
-    )

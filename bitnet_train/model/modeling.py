@@ -247,10 +247,6 @@ class BitNetForCausalLM(nn.Module):
             )
         return CausalLMOutput(logits=logits, loss=loss)
 
-    def bitlinear_modules(self) -> dict[str, BitLinear]:
-        """Name -> BitLinear for every quantized projection (export walks these)."""
-        return {n: m for n, m in self.named_modules() if isinstance(m, BitLinear)}
-
     @torch.no_grad()
     def generate(
         self, input_ids: Tensor, max_new_tokens: int, eos_token_id: int | None = None

@@ -1,11 +1,32 @@
-"""Parameter counts and packed sizes, computed from a config without allocating a model."""
+"""Parameter counts, shapes and packed sizes, computed from a config without allocating a
+model."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+import torch
+
 from bitnet_train.model.config import BitNetConfig
+from bitnet_train.model.modeling import BitNetForCausalLM
+
+
+def ternary_shapes(config: BitNetConfig) -> list[tuple[str, int, int]]:
+    """(name, out, in) of the seven BitLinear matrices of one decoder layer."""
+    h, m = config.hidden_size, config.intermediate_size
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    return [("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, q),
+            ("gate_proj", m, h), ("up_proj", m, h), ("down_proj", h, m)]
+
+
+def parameter_shapes(config: BitNetConfig) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor the model's state_dict holds (built on the meta device,
+    so nothing is allocated); loaders check a checkpoint against it before reading weights."""
+    with torch.device("meta"):
+        model = BitNetForCausalLM(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 @dataclass(frozen=True)

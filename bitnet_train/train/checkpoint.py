@@ -23,21 +23,21 @@ payloads that several ranks write).
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
 import re
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bitnet_train.atomic import replace_directory
 from bitnet_train.errors import CheckpointError, ConfigError, IntegrityError, TrainingError
 from bitnet_train.integrity import build_manifest, manifest_text, parse_manifest, verify_manifest
+from bitnet_train.provenance import git_revision
 from bitnet_train.write_errors import describe_failure, free_bytes, tree_bytes
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class Checkpointer:
         with self._cleanup_on_error(step):
             if not tmp.is_dir():
                 raise FileNotFoundError(f"staging directory {tmp} is missing; call begin() first")
-            meta = {**metadata, "step": step, "time": _utc_now(), "git_revision": _git_revision()}
+            meta = {**metadata, "step": step, "time": _utc_now(), "git_revision": git_revision()}
             (tmp / METADATA).write_text(json.dumps(meta, indent=2, default=str))
             _fsync_tree(tmp)
             manifest = build_manifest(tmp, exclude=(COMPLETE,))  # hashes what is on disk now
@@ -186,20 +186,9 @@ class Checkpointer:
         return manifest["total_bytes"] if manifest else None
 
     def _publish(self, tmp: Path, final: Path) -> None:
-        """Rename `tmp` to `final`, replacing an older directory of the same name if any."""
-        if not final.exists():
-            os.rename(tmp, final)
-        else:
-            # rename() cannot replace a non-empty directory: move the old one aside first (as a
-            # .tmp dir, so a crash between the renames leaves no torn step dir), then swap.
-            old = final.with_name(f"{_TMP_PREFIX}replaced-{final.name}")
-            os.rename(final, old)
-            try:
-                os.rename(tmp, final)
-            except BaseException:
-                os.rename(old, final)  # put the old checkpoint back before reporting
-                raise
-            shutil.rmtree(old, ignore_errors=True)
+        """Rename `tmp` to `final`, replacing an older directory of the same name if any (moved
+        aside as a .tmp dir first, so a crash between the renames leaves no torn step dir)."""
+        replace_directory(tmp, final, aside=final.with_name(f"{_TMP_PREFIX}replaced-{final.name}"))
         _fsync_dir(self.root)
 
     def prune(self) -> list[Path]:
@@ -384,20 +373,3 @@ def _fsync_dir(path: Path) -> None:
 
 def _utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-@functools.cache
-def _git_revision() -> str | None:
-    """HEAD of the checkout holding this package (cached: one subprocess per process)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None

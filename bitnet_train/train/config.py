@@ -1,15 +1,21 @@
 """Typed configuration of a run: Hydra structured configs, converted to dataclasses at the edge.
 
-`register_configs()` puts every schema in Hydra's ConfigStore; the YAML tree under `configs/`
-(and `recipes/`, the `recipe` group) fills them in. An unknown key or a wrong type fails at
-composition, before anything is allocated. `to_train_config(cfg)` turns the composed DictConfig
-into plain dataclasses: nothing downstream reads Hydra objects.
+`register_configs()` puts every schema in Hydra's ConfigStore; the YAML tree shipped inside the
+package (`bitnet_train/configs/`, recipes as its `recipe` group) fills them in. An unknown key or a
+wrong type fails at composition, before anything is allocated. `to_train_config(cfg)` turns the
+composed DictConfig into plain dataclasses: nothing downstream reads Hydra objects.
+
+A user's own config directory joins Hydra's search path (`bitnet-train --config-dir DIR ...`,
+`hydra.searchpath=[file:///abs/DIR]`, or `compose(..., config_dirs=[DIR])`): its `recipe/`,
+`model/`, `data/` ... files are then found beside the shipped ones. Hydra searches the shipped
+tree first, so a user file may not reuse a shipped name (`check_user_config_dir` says so).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,18 +290,82 @@ def check_across_sections(cfg: TrainConfig) -> None:
 
 
 def config_dir() -> Path:
-    """The `configs/` directory of this checkout (train.py and the scripts compose from it)."""
-    return Path(__file__).resolve().parents[2] / "configs"
+    """The config tree shipped inside the package (`bitnet_train/configs`), wherever it is
+    installed: a checkout, an editable install or a wheel."""
+    return Path(__file__).resolve().parents[1] / "configs"
 
 
-def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
-    """Compose the config as `train.py` would, for scripts and tests (no output dir, no logging)."""
+def check_user_config_dir(path: str | Path) -> None:
+    """Refuse a user config directory that is missing or that shadows a shipped config.
+
+    Hydra searches the package's tree first, so a user's `model/tiny.yaml` would be silently
+    ignored in favour of ours: give it a new name (its `defaults` can start from ours).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"config directory {path} does not exist; give a directory holding "
+                          "recipe/, model/, data/ ... YAML files")
+    shipped = config_dir()
+    for file in sorted(path.rglob("*.yaml")):
+        rel = file.relative_to(path)
+        if (shipped / rel).is_file():
+            renamed = rel.parent / f"my_{rel.name}"
+            raise ConfigError(
+                f"{file} has the group and name of a shipped config ({rel}); Hydra would use "
+                f"the shipped one and ignore yours. Rename it (e.g. {renamed}); its defaults "
+                f"list can start from ours: `defaults: [{rel.stem}, _self_]`"
+            )
+
+
+def check_search_path(config_sources: Sequence[Any]) -> None:
+    """`check_user_config_dir` for every file directory Hydra added beside the package's tree
+    (`hydra.runtime.config_sources`: `--config-dir`, `hydra.searchpath`)."""
+    for source in config_sources:
+        if source.schema == "file" and source.provider != "main":
+            check_user_config_dir(source.path)
+
+
+def search_path_override(config_dirs: Sequence[str | Path]) -> str:
+    """The `hydra.searchpath=[...]` override that adds the user's `config_dirs` to the search
+    path (after the package's own tree; each is checked by `check_user_config_dir`)."""
+    entries = []
+    for d in config_dirs:
+        path = Path(d).expanduser().resolve()
+        check_user_config_dir(path)
+        entries.append(f"file://{path}")
+    return f"hydra.searchpath=[{','.join(entries)}]"
+
+
+def compose(
+    overrides: list[str] | None = None,
+    config_name: str = "config",
+    config_dirs: Sequence[str | Path] = (),
+) -> DictConfig:
+    """Compose the config as `bitnet-train` would, for scripts and tests (no output dir, no
+    logging). `config_dirs`: the user's own config directories, searched before the package's."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     register_configs()
+    extra = [search_path_override(config_dirs)] if config_dirs else []
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides or [])
+        return hydra_compose(config_name=config_name, overrides=[*extra, *(overrides or [])])
+
+
+def with_derived_values(cfg: TrainConfig, processes: int) -> TrainConfig:
+    """`cfg` with what is derived at start filled in, so that the written config.yaml records
+    what the run uses: trainer.grad_accum from trainer.global_batch_tokens (pretraining)."""
+    if cfg.objective.name != "pretrain" or cfg.trainer.global_batch_tokens <= 0:
+        return cfg
+    grad_accum = derive_grad_accum(cfg.trainer, cfg.data.seq_len, processes)
+    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer,
+                                                                grad_accum=grad_accum))
+
+
+def config_yaml(cfg: TrainConfig) -> str:
+    """The run's config as YAML: every field of every section, defaults and derived values
+    included (what `config.yaml` in the output directory holds)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def derive_grad_accum(trainer: TrainerConfig, seq_len: int, processes: int) -> int:

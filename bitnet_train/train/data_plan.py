@@ -21,7 +21,7 @@ from torch import Tensor
 
 from bitnet_train.data.pretrain import build_pretrain_stream
 from bitnet_train.errors import ConfigError, TrainingError
-from bitnet_train.train.config import TrainConfig, derive_grad_accum
+from bitnet_train.train.config import TrainConfig
 from bitnet_train.train.schedules import ScheduleConfig, stage_at, stage_boundary_step
 from bitnet_train.train.trainer import BatchPlan
 
@@ -143,29 +143,18 @@ def precompute_reference_logps(plan: EpochPlan, reference, device, loss_impl: st
     plan.ref_logps = table
 
 
-def data_counts(dataset) -> dict[str, int]:
-    """Encoding counts of an epoch dataset (seen, kept, truncated, dropped, ... per source)."""
-    if hasattr(dataset, "log_dict"):
-        return dataset.log_dict()
-    stats = getattr(dataset, "stats", None) or {}
-    out: dict[str, int] = {}
-    for name, st in stats.items():
-        out.update(st.as_dict(f"data/{name}/"))
-    out["data/rows"] = dataset.num_rows
-    return out
-
-
 def build_batch_plan(cfg: TrainConfig, tokenizer, accelerator, objective) -> BatchPlan:
-    """The plan of `cfg.objective.name`'s data for this process; sets plan.total_steps."""
+    """The plan of `cfg.objective.name`'s data for this process; sets plan.total_steps.
+    `cfg` holds its derived values already (`with_derived_values`); nothing here changes it."""
     rank, world = accelerator.process_index, accelerator.num_processes
     name = cfg.objective.name
     if name == "pretrain":
         if cfg.trainer.max_steps <= 0:
             raise ConfigError("pretraining is step-based: set trainer.max_steps > 0")
-        ga = derive_grad_accum(cfg.trainer, cfg.data.seq_len, world)
-        cfg.trainer.grad_accum = ga
+        # grad_accum was derived from trainer.global_batch_tokens before config.yaml was written
         plan = PretrainPlan(cfg.data, tokenizer, rank, world, cfg.trainer.micro_batch_size,
-                            cfg.trainer.max_steps, cfg.schedule, grad_accum=ga)
+                            cfg.trainer.max_steps, cfg.schedule,
+                            grad_accum=cfg.trainer.grad_accum)
         plan.total_steps = cfg.trainer.max_steps
         return plan
     # the main process encodes first and fills datasets' cache; the others then read it
@@ -178,7 +167,7 @@ def build_batch_plan(cfg: TrainConfig, tokenizer, accelerator, objective) -> Bat
             from bitnet_train.data.preference import build_preference_dataset
 
             dataset = build_preference_dataset(cfg.data, tokenizer, rank=rank, world_size=world)
-    counts = data_counts(dataset)
+    counts = dataset.log_dict()  # seen, kept, truncated, dropped ... per source, and totals
     if counts and accelerator.is_main_process:
         # truncated / dropped conversations and pairs are counted, never silent
         log.info("data: %s", ", ".join(f"{k.removeprefix('data/')}={v}"

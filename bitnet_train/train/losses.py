@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bitnet_train.data.packing import IGNORE_INDEX
+
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 IMPLS = ("auto", "liger", "torch")
 REDUCTIONS = ("sum", "mean")
 LOGITS_BUDGET = 1 << 28

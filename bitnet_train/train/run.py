@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +19,21 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from bitnet_train.errors import CheckpointError, ConfigError
 from bitnet_train.integrity import refuse_non_finite
 from bitnet_train.model import BitNetConfig, BitNetForCausalLM, build_model
+from bitnet_train.provenance import code_version
 from bitnet_train.train.checkpoint import Checkpointer, verify
-from bitnet_train.train.config import ModelSection, TrainConfig, to_train_config
+from bitnet_train.train.config import (
+    ModelSection,
+    TrainConfig,
+    check_search_path,
+    config_yaml,
+    to_train_config,
+    with_derived_values,
+)
 from bitnet_train.train.data_plan import build_batch_plan
 from bitnet_train.train.divergence import DivergenceGuard
 from bitnet_train.train.objectives.dpo import DPOObjective, make_reference
@@ -49,24 +56,16 @@ class RunResult:
 
 
 def run_from_hydra(cfg: DictConfig) -> RunResult:
-    """Hydra entry: validate at the edge, log the resolved config, run."""
+    """Hydra entry: validate at the edge, run (config.yaml records the resolved config)."""
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    from hydra.core.hydra_config import HydraConfig
+
+    check_search_path(HydraConfig.get().runtime.config_sources)
     train_cfg = to_train_config(cfg)
     if train_cfg.output_dir is None:
-        from hydra.core.hydra_config import HydraConfig
-
         train_cfg.output_dir = HydraConfig.get().runtime.output_dir
-    return run(train_cfg, resolved_yaml=resolved)
-
-
-def _git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
-    except Exception:  # noqa: BLE001 - a missing git is not an error for training
-        return "unknown"
+    return run(train_cfg)
 
 
 def build_accelerator(cfg: TrainConfig, output_dir: Path) -> Accelerator:
@@ -151,14 +150,16 @@ def resolve_output_dir(cfg: TrainConfig) -> Path:
     return Path("outputs") / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}-{cfg.run_name}"
 
 
-def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
+def run(cfg: TrainConfig) -> RunResult:
     """Train `cfg` to the end and save DIR/final with `save_model`."""
-    from bitnet_train.data.tokenizer import load_tokenizer
-    from bitnet_train.io import recover_atomic_directory, save_model
+    from bitnet_train.atomic import recover_atomic_directory
+    from bitnet_train.data.tokenizer import load_tokenizer, save_tokenizer
+    from bitnet_train.io import save_model
 
     output_dir = resolve_output_dir(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = build_accelerator(cfg, output_dir)
+    cfg = with_derived_values(cfg, accelerator.num_processes)
     set_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.tokenizer)
@@ -202,7 +203,7 @@ def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
 
     def save_extra(tmp: Path) -> None:
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            save_tokenizer(tokenizer, tmp / "tokenizer")
 
     trainer = Trainer(
         accelerator=accelerator, model=model, objective=objective, optimizer=optimizer,
@@ -221,9 +222,8 @@ def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
     # Only now, with the relaunch accepted, does anything under output_dir change: a refused
     # one (another model shape, damaged checkpoints) leaves the run directory as it was.
     if accelerator.is_main_process:
-        log.info("run %s at git %s in %s", cfg.run_name, _git_revision(), output_dir)
-        (output_dir / "config.yaml").write_text(resolved_yaml or json.dumps(
-            dataclasses.asdict(cfg), default=str, indent=2))
+        log.info("run %s (%s) in %s", cfg.run_name, code_version(), output_dir)
+        (output_dir / "config.yaml").write_text(config_yaml(cfg))
         for leftover in recover_atomic_directory(output_dir / "final"):
             log.info("removed %s, left by a write of final/ that was killed", leftover)
         if cfg.logger.tracker != "none":

@@ -3,7 +3,7 @@
 Pure functions of the optimizer step; the trainer calls `apply_schedule` before every step.
 
 Shape, for ``total_steps = T``, stage boundary ``b = stage_boundary_step(T, cfg)``,
-warmup ``W = cfg.warmup_steps``::
+warmup ``W = warmup_length(T, cfg)`` (``warmup_steps``, else ``warmup_ratio * T``)::
 
     lr   |    /~~--__                       stage 1: linear warmup, then a cosine from lr_peak
          |   /       ~~--__                   that would reach lr_stage1_end at step b
@@ -57,6 +57,10 @@ class ScheduleConfig:
 
     warmup_steps: int = 375
     """Linear warmup length in optimizer steps (0: start at lr_peak)."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of the total steps T, used when warmup_steps is 0 (as in
+    transformers, warmup_steps > 0 takes precedence): W = floor(warmup_ratio * T + 0.5). For
+    recipes whose length is often overridden (the demo's `trainer.max_steps=5`)."""
     stage_boundary: float = 0.5
     """Fraction of total steps where stage 2 starts, in (0, 1]; 1 = a single stage."""
     lr_peak: float = 1.2e-3
@@ -74,6 +78,11 @@ class ScheduleConfig:
     def __post_init__(self) -> None:
         if self.warmup_steps < 0:
             raise ConfigError(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(
+                f"schedule.warmup_ratio={self.warmup_ratio} must be in [0, 1) (0: use "
+                "warmup_steps)"
+            )
         if not 0.0 < self.stage_boundary <= 1.0:
             raise ConfigError(
                 f"schedule.stage_boundary={self.stage_boundary} must be in (0, 1] (a fraction of "
@@ -103,16 +112,26 @@ class ScheduleConfig:
             )
 
 
+def warmup_length(total_steps: int, cfg: ScheduleConfig) -> int:
+    """Warmup steps of a run of `total_steps`: warmup_steps, or warmup_ratio's share of the run
+    when warmup_steps is 0."""
+    if cfg.warmup_steps == 0:
+        return math.floor(cfg.warmup_ratio * total_steps + 0.5)
+    return cfg.warmup_steps
+
+
 def stage_boundary_step(total_steps: int, cfg: ScheduleConfig) -> int:
     """First step of stage 2 (== total_steps for a single stage). Validates the run length."""
     if total_steps <= 0:
         raise ConfigError(f"the schedule needs total_steps > 0, got {total_steps}")
     boundary = min(total_steps, math.floor(cfg.stage_boundary * total_steps + 0.5))
-    if boundary < 1 or cfg.warmup_steps > boundary:
+    warmup = warmup_length(total_steps, cfg)
+    if boundary < 1 or warmup > boundary:
+        key = "warmup_steps" if cfg.warmup_steps else "warmup_ratio"
         raise ConfigError(
-            f"schedule.warmup_steps={cfg.warmup_steps} does not fit in stage 1 (steps [0, "
-            f"{boundary}) of {total_steps} with stage_boundary={cfg.stage_boundary}); lower "
-            "schedule.warmup_steps or train for more steps"
+            f"schedule.{key}={getattr(cfg, key)} ({warmup} warmup steps) does not fit in stage 1 "
+            f"(steps [0, {boundary}) of {total_steps} with stage_boundary={cfg.stage_boundary});"
+            f" lower schedule.{key} or train for more steps"
         )
     return boundary
 
@@ -128,8 +147,7 @@ def _cosine(start: float, end: float, progress: float) -> float:
     return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _stage1_lr(step: int, boundary: int, cfg: ScheduleConfig) -> float:
-    warmup = cfg.warmup_steps
+def _stage1_lr(step: int, boundary: int, warmup: int, cfg: ScheduleConfig) -> float:
     if step < warmup:
         return cfg.lr_peak * (step + 1) / warmup
     return _cosine(cfg.lr_peak, cfg.lr_stage1_end, (step - warmup) / (boundary - warmup))
@@ -141,7 +159,7 @@ def lr_at(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
         raise ValueError(f"step must be >= 0, got {step}")
     boundary = stage_boundary_step(total_steps, cfg)
     if step < boundary:
-        return _stage1_lr(step, boundary, cfg)
+        return _stage1_lr(step, boundary, warmup_length(total_steps, cfg), cfg)
     return _cosine(cfg.lr_stage2_peak, cfg.lr_floor, (step - boundary) / (total_steps - boundary))
 
 
@@ -152,7 +170,8 @@ def wd_at(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
     boundary = stage_boundary_step(total_steps, cfg)
     if step >= boundary:
         return 0.0
-    return cfg.wd_peak * _stage1_lr(step, boundary, cfg) / cfg.lr_peak
+    lr = _stage1_lr(step, boundary, warmup_length(total_steps, cfg), cfg)
+    return cfg.wd_peak * lr / cfg.lr_peak
 
 
 def apply_schedule(

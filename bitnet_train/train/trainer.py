@@ -98,7 +98,6 @@ class Trainer:
         flops_per_token: float = 0.0,
         peak_tflops: float = 0.0,
         progress_bar: bool = True,
-        on_log: Callable[[StepResult], None] | None = None,
         grad_clip_per: str = "step",
         divergence: DivergenceGuard | None = None,
     ) -> None:
@@ -120,11 +119,12 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.peak_tflops = peak_tflops
         self.progress_bar = progress_bar
-        self.on_log = on_log
         self.divergence = divergence or DivergenceGuard()
         self.step = 0
         self.history: list[StepResult] = []
         self.last_checkpoint: str | None = None
+        self.checkpointed_step: int | None = None
+        """The step `last_checkpoint` holds (saved or resumed from); None before any."""
         self._gradients_checked = False
 
     # -- one step ---------------------------------------------------------------------------
@@ -308,7 +308,7 @@ class Trainer:
             if self.checkpoint_every and self.step % self.checkpoint_every == 0:
                 self.save_checkpoint()
         bar.close()
-        if not self.last_checkpoint or not self.last_checkpoint.endswith(f"{self.step:08d}"):
+        if self.checkpointed_step != self.step:  # the last step is not saved yet
             self.save_checkpoint()
         if self.accelerator.is_main_process:
             self.checkpointer.wait()  # the last checkpoint is published when fit returns
@@ -327,8 +327,6 @@ class Trainer:
             m["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         m.update(self.data.log_metrics(self.accelerator))
         self.accelerator.log(m, step=result.step + 1)
-        if self.on_log is not None:
-            self.on_log(StepResult(step=result.step, metrics=m))
         if self.accelerator.is_main_process:
             shown = " ".join(f"{k}={v:.4g}" for k, v in m.items())
             log.info("step %d/%d %s", result.step + 1, self.total_steps, shown)
@@ -355,7 +353,8 @@ class Trainer:
         self._raise_if_any_failed(error)
         staging = ckpt.staging_dir(self.step)
         try:
-            acc.save_state(str(staging))
+            with _without_tied_head_notice():
+                acc.save_state(str(staging))
             # each rank reads its own shard of the data: one stream state per rank
             torch.save(self.data.state_dict(), staging / f"data_state_rank{acc.process_index}.pt")
             if acc.is_main_process:
@@ -373,6 +372,7 @@ class Trainer:
             log.info("checkpoint step %d written; publishing %s", self.step,
                      ckpt.root / f"step_{self.step:08d}")
         self.last_checkpoint = str(ckpt.root / f"step_{self.step:08d}")
+        self.checkpointed_step = self.step
         return self.last_checkpoint
 
     def _raise_if_any_failed(self, error: Exception | None) -> None:
@@ -428,12 +428,34 @@ class Trainer:
             ) from exc
         self.data.load_state_dict(data_state)
         self.last_checkpoint = str(path)
+        self.checkpointed_step = self.step
 
 
 def _to_device(t: Tensor, device: torch.device) -> Tensor:
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+TIED_HEAD_NOTICE = "Removed shared tensor {'lm_head.weight'} while saving"
+"""What accelerate's save_state warns at every checkpoint of a model with a tied lm_head."""
+
+
+class _DropTiedHeadNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return TIED_HEAD_NOTICE not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_tied_head_notice():
+    """Silence accelerate's notice about the tied lm_head, and only it: safetensors cannot store
+    shared tensors, the tie is restored on load, and exact resume is tested; any other shared
+    tensor is still reported."""
+    logger = logging.getLogger("accelerate.utils.other")
+    drop = _DropTiedHeadNotice()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 @torch.no_grad()

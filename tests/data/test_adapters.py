@@ -10,8 +10,8 @@ from huggingface_hub.errors import GatedRepoError
 from bitnet_train.data.adapters import (
     ADAPTERS,
     HUB_FORMATS,
+    ChatSourceConfig,
     Pair,
-    SourceConfig,
     adapt,
     explain_load_error,
     load_source,
@@ -151,23 +151,25 @@ def test_bad_record_names_source_and_row(name, record, reason):
 
 def test_format_resolution():
     first = {"messages": []}
-    assert resolve_adapter(SourceConfig(path="lmsys/lmsys-chat-1m"), "sft", None).name == "lmsys"
-    assert resolve_adapter(SourceConfig(path="Open-Orca/SlimOrca"), "sft", None).name == "sharegpt"
-    assert resolve_adapter(SourceConfig(path="HuggingFaceH4/ultrafeedback_binarized"),
+    lmsys = ChatSourceConfig(path="lmsys/lmsys-chat-1m")
+    orca = ChatSourceConfig(path="Open-Orca/SlimOrca")
+    assert resolve_adapter(lmsys, "sft", None).name == "lmsys"
+    assert resolve_adapter(orca, "sft", None).name == "sharegpt"
+    assert resolve_adapter(ChatSourceConfig(path="HuggingFaceH4/ultrafeedback_binarized"),
                            "preference", None).name == "ultrafeedback"
-    assert resolve_adapter(SourceConfig(path="x.jsonl"), "sft", first).name == "messages"
-    assert resolve_adapter(SourceConfig(path="x.jsonl", format="sharegpt"), "sft",
+    assert resolve_adapter(ChatSourceConfig(path="x.jsonl"), "sft", first).name == "messages"
+    assert resolve_adapter(ChatSourceConfig(path="x.jsonl", format="sharegpt"), "sft",
                            first).name == "sharegpt"  # explicit override wins
-    assert resolve_adapter(SourceConfig(path="p.jsonl"), "preference",
+    assert resolve_adapter(ChatSourceConfig(path="p.jsonl"), "preference",
                            {"prompt": "", "chosen": "", "rejected": ""}).name == "pairs"
     with pytest.raises(ConfigError, match="set format"):
-        resolve_adapter(SourceConfig(path="x.jsonl"), "sft", {"text": "raw"})
+        resolve_adapter(ChatSourceConfig(path="x.jsonl"), "sft", {"text": "raw"})
     with pytest.raises(ConfigError, match="not a sft format"):
-        resolve_adapter(SourceConfig(path="x.jsonl", format="pairs"), "sft", first)
+        resolve_adapter(ChatSourceConfig(path="x.jsonl", format="pairs"), "sft", first)
     with pytest.raises(ConfigError, match="weight"):
-        SourceConfig(path="x", weight=0)
+        ChatSourceConfig(path="x", weight=0)
     with pytest.raises(ConfigError, match="unknown format"):
-        SourceConfig(path="x", format="alpaca")
+        ChatSourceConfig(path="x", format="alpaca")
 
 
 def _gated_error(status: int) -> DatasetNotFoundError:
@@ -206,12 +208,25 @@ def test_other_load_errors_name_the_source():
 
 def test_load_source_local_jsonl_and_missing_path(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", [SFT_CASES["messages"][0]] * 3)
-    ds = load_source(SourceConfig(path=path), cache_dir=str(tmp_path / "cache"))
+    ds = load_source(ChatSourceConfig(path=path), cache_dir=str(tmp_path / "cache"))
     assert len(ds) == 3 and ds[0]["messages"][1]["content"] == "b"
-    sliced = load_source(SourceConfig(path=path, split="train[:2]"),
+    sliced = load_source(ChatSourceConfig(path=path, split="train[:2]"),
                          cache_dir=str(tmp_path / "cache"))
     assert len(sliced) == 2
     with pytest.raises(ConfigError, match="one split"):
-        load_source(SourceConfig(path=path, split="test"))
+        load_source(ChatSourceConfig(path=path, split="test"))
     with pytest.raises(DataError, match="no/such/dataset"):  # offline in tests: a hub id fails
-        load_source(SourceConfig(path="no/such/dataset"), cache_dir=str(tmp_path / "cache"))
+        load_source(ChatSourceConfig(path="no/such/dataset"), cache_dir=str(tmp_path / "cache"))
+
+
+def test_pretraining_and_chat_sources_name_shared_fields_alike():
+    """Both source schemas spell the fields they share the same way (a hub config is
+    `config_name` in both, as `load_dataset(path, name=...)`)."""
+    from dataclasses import fields
+
+    from bitnet_train.data.config import SourceConfig
+
+    shared = {"name", "path", "split", "weight", "config_name"}
+    assert shared <= {f.name for f in fields(SourceConfig)}
+    assert shared <= {f.name for f in fields(ChatSourceConfig)}
+    assert ChatSourceConfig(path="allenai/WildChat-1M", config_name="x").config_name == "x"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bitnet_train.data.adapters import SourceConfig
+from bitnet_train.data.adapters import ChatSourceConfig
 from bitnet_train.data.preference import PreferenceDataConfig, build_preference_dataset
 from bitnet_train.errors import DataError
 from tests.data.chat_fixtures import bpe_tokenizer, write_jsonl
@@ -30,7 +30,7 @@ def tok():
 
 def build(tok, records, tmp_path, max_len=64, **kw):
     path = write_jsonl(tmp_path / "pairs.jsonl", records)
-    cfg = PreferenceDataConfig(sources=[SourceConfig(name="p", path=path, format="pairs")],
+    cfg = PreferenceDataConfig(sources=[ChatSourceConfig(name="p", path=path, format="pairs")],
                                max_len=max_len, cache_dir=str(tmp_path / "cache"), **kw)
     return build_preference_dataset(cfg, tok, **{k: v for k, v in kw.items() if k == "rank"})
 
@@ -101,7 +101,7 @@ def test_epochs_ranks_and_state(tok, tmp_path):
     path = write_jsonl(tmp_path / "many.jsonl", records)
 
     def make(rank, world):
-        cfg = PreferenceDataConfig(sources=[SourceConfig(path=path, format="pairs")],
+        cfg = PreferenceDataConfig(sources=[ChatSourceConfig(path=path, format="pairs")],
                                    cache_dir=str(tmp_path / "cache"))
         return build_preference_dataset(cfg, tok, rank=rank, world_size=world)
 
@@ -145,7 +145,7 @@ def test_demo_pairs_are_read_by_the_preference_loader(tmp_path):
     text = [r["prompt"] + " " + r["chosen"] for r in train[:300]]
     tok = bpe_tokenizer(extra_text=text, vocab_size=800)
     for name, p in (("train", path), ("heldout", tmp_path / HELDOUT_PAIRS_FILE)):
-        cfg = PreferenceDataConfig(sources=[SourceConfig(name=name, path=str(p))],
+        cfg = PreferenceDataConfig(sources=[ChatSourceConfig(name=name, path=str(p))],
                                    max_len=128, cache_dir=str(tmp_path / "cache"))
         ds = build_preference_dataset(cfg, tok)
         assert ds.stats[name].kept == ds.stats[name].seen == len(train if name == "train"

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from bitnet_train.data.adapters import SourceConfig
+from bitnet_train.data.adapters import ChatSourceConfig
 from bitnet_train.data.chat import encode_chat
 from bitnet_train.data.sft import SFTDataConfig, build_sft_dataset, pack_first_fit
 from bitnet_train.errors import ConfigError, DataError
@@ -43,7 +43,7 @@ def chat_file(tmp_path_factory):
 
 
 def build(tok, path, tmp_path, rank=0, world_size=1, **kw):
-    sources = kw.pop("sources", None) or [SourceConfig(name="chat", path=path)]
+    sources = kw.pop("sources", None) or [ChatSourceConfig(name="chat", path=path)]
     cfg = SFTDataConfig(sources=sources, cache_dir=str(tmp_path / "cache"), **kw)
     return build_sft_dataset(cfg, tok, rank=rank, world_size=world_size)
 
@@ -172,7 +172,8 @@ def test_mixture_weights_upsample(tok, tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [{"messages": c} for c in conversations(10, seed=1)])
     b = write_jsonl(tmp_path / "b.jsonl", [{"messages": c} for c in conversations(8, seed=2)])
     ds = build(tok, None, tmp_path, max_len=256, pack=False, sources=[
-        SourceConfig(name="a", path=a, weight=2.0), SourceConfig(name="b", path=b, weight=0.5)])
+        ChatSourceConfig(name="a", path=a, weight=2.0),
+        ChatSourceConfig(name="b", path=b, weight=0.5)])
     per_source = Counter(int(s) for s, _ in ds.examples)
     assert per_source == {0: 20, 1: 4}
     count_a = Counter(int(i) for s, i in ds.examples if s == 0)
@@ -186,9 +187,9 @@ def test_bad_records_error_or_skip(tok, tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", records)
     with pytest.raises(DataError, match=r"'bad', row 3"):
         build(tok, None, tmp_path, max_len=128,
-              sources=[SourceConfig(name="bad", path=path)])
+              sources=[ChatSourceConfig(name="bad", path=path)])
     ds = build(tok, None, tmp_path, max_len=128, on_bad_record="skip",
-               sources=[SourceConfig(name="bad", path=path)])
+               sources=[ChatSourceConfig(name="bad", path=path)])
     assert ds.stats["bad"].skipped_bad_records == 1 and ds.stats["bad"].kept == 5
 
 
@@ -236,7 +237,7 @@ def test_demo_chat_is_read_by_the_sft_loader(tmp_path):
     text = [m["content"] for r in records[:300] for m in r["messages"]]
     tok = bpe_tokenizer(extra_text=text, vocab_size=800)
     ds = build(tok, None, tmp_path, max_len=256, pack=True,
-               sources=[SourceConfig(name="demo", path=str(path), format="auto")])
+               sources=[ChatSourceConfig(name="demo", path=str(path), format="auto")])
     st = ds.stats["demo"]
     assert st.seen == st.kept == len(records) and st.skipped_bad_records == 0
     batch = ds.batch(0, 0, 4)

@@ -18,6 +18,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import dequantize
 
 from bitnet_train.errors import CheckpointError, ExportError
+from bitnet_train.export import gguf as gguf_export
 from bitnet_train.export.gguf import export_gguf, gguf_size_report, import_gguf
 from bitnet_train.export.gguf_pack import pack_i2s, pack_tq, unpack_i2s, unpack_tq
 from bitnet_train.export.ternary import extract_ternary
@@ -163,8 +164,44 @@ def test_export_refuses_rows_not_multiple_of_256(tokenizer, tmp_path):
 @pytest.mark.parametrize("quant", ["tq1_0", "tq2_0"])
 def test_relu2_model_is_refused_for_llama_cpp(tokenizer, tmp_path, quant):
     model = BitNetForCausalLM(silu_config(hidden_act="relu2"))
-    with pytest.raises(ExportError, match=r"SiLU.*--quant i2_s"):
+    # kept until upstream llama.cpp honours bitnet.hidden_activation
+    with pytest.raises(ExportError, match=r"SiLU.*hidden_activation.*--quant i2_s"):
         export_gguf(model, tokenizer, tmp_path / "m.gguf", quant)
+    assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("quant", ["tq1_0", "tq2_0", "i2_s"])
+def test_hidden_activation_is_written_under_the_architecture(files, quant):
+    """`<arch>.hidden_activation`, the key of the engines' relu2 fix (llama.cpp PR 26751,
+    microsoft/BitNet PR 605); our former private key is no longer written."""
+    meta, _, _ = read_gguf_raw(files[quant])
+    arch = meta["general.architecture"]
+    assert arch == ("bitnet-b1.58" if quant == "i2_s" else "bitnet")
+    assert meta[f"{arch}.hidden_activation"] == "silu"
+    assert "bitnet_train.hidden_act" not in meta
+
+
+def test_relu2_i2s_file_says_relu2_and_imports_as_relu2(tokenizer, tmp_path):
+    model = BitNetForCausalLM(silu_config(hidden_act="relu2"))
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", "i2_s")
+    meta, _, _ = read_gguf_raw(path)
+    assert meta["bitnet-b1.58.hidden_activation"] == "relu2"
+    assert import_gguf(path)[0].config.hidden_act == "relu2"
+
+
+def test_import_reads_the_activation_key_and_the_legacy_one(silu_model, tokenizer, tmp_path,
+                                                             monkeypatch):
+    """A silu model in a bitnet-b1.58 file (whose engine default is relu2) comes back silu from
+    the key alone; so does one of our older files that carry only bitnet_train.hidden_act."""
+    path = export_gguf(silu_model, tokenizer, tmp_path / "new.gguf", "i2_s")
+    assert import_gguf(path)[0].config.hidden_act == "silu"
+    legacy = gguf_export.LEGACY_HIDDEN_ACT_KEY
+    monkeypatch.setattr(gguf_export, "hidden_activation_key", lambda arch: legacy)
+    old = export_gguf(silu_model, tokenizer, tmp_path / "old.gguf", "i2_s")
+    monkeypatch.undo()
+    meta, _, _ = read_gguf_raw(old)
+    assert "bitnet-b1.58.hidden_activation" not in meta
+    assert import_gguf(old)[0].config.hidden_act == "silu"
 
 
 @pytest.mark.parametrize("quant", ["tq2_0", "i2_s"])

@@ -15,6 +15,7 @@ from bitnet_train.errors import ExportError
 from bitnet_train.export.gpu import (
     FP16_FILE,
     INT2_FILE,
+    WQKV_SCALE_WARNING,
     export_gpu,
     gpu_size_report,
     pack_gpu_weight,
@@ -22,9 +23,10 @@ from bitnet_train.export.gpu import (
     read_gpu_checkpoint,
     unpack_gpu_weight,
     unpermute_qk,
+    wqkv_scale_misreads,
 )
 from bitnet_train.export.ternary import extract_ternary
-from bitnet_train.model import BitNetForCausalLM
+from bitnet_train.model import BitNetConfig, BitNetForCausalLM
 from tests.conftest import tiny_config
 
 
@@ -187,3 +189,45 @@ def test_size_report_matches_the_file(relu2_model, tmp_path):
     assert report["total_bytes"] == sum(storages.values())  # tied embeddings stored once
     assert report["refused"] is None and report["kernel_has_shapes"] is False
     assert gpu_size_report(tiny_config(hidden_act="silu"))["refused"] is not None
+
+
+def kernel_scale_index(n_rows: int) -> list[int]:
+    """The scale index bitnet_kernels.cu uses for each fused wqkv row: r / (N / ws_num), 3."""
+    return [r // (n_rows // 3) for r in range(n_rows)]
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(20, 5), (4, 2), (32, 8), (20, 20)])
+def test_wqkv_scale_misreads_replays_the_kernels_indexing(heads, kv_heads):
+    config = BitNetConfig(hidden_size=64 * heads, num_attention_heads=heads,
+                          num_key_value_heads=kv_heads, intermediate_size=128)
+    q, kv = 64 * heads, 64 * kv_heads
+    owner = ["q"] * q + ["k"] * kv + ["v"] * kv
+    read = ["qkv"[min(i, 2)] for i in kernel_scale_index(len(owner))]
+    wrong = [r for r in range(len(owner)) if owner[r] != read[r]]
+    listed = [r for _, first, last, _ in wqkv_scale_misreads(config)
+              for r in range(first, last + 1)]
+    assert listed == wrong
+    for part, first, last, reads in wqkv_scale_misreads(config):
+        assert {owner[r] for r in range(first, last + 1)} == {part}
+        assert {read[r] for r in range(first, last + 1)} == {reads}
+    if heads == kv_heads:
+        assert wrong == []  # multi-head attention: the equal thirds are q, k, v
+
+
+def test_2b4t_rows_are_those_measured_on_the_h200():
+    assert wqkv_scale_misreads(BitNetConfig()) == [("q", 1280, 2559, "k"), ("k", 2560, 3199, "v")]
+
+
+def test_export_warns_in_one_line_about_the_scale_groups(relu2_model, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="bitnet_train.export.gpu"):
+        export_gpu(relu2_model, tmp_path / "gqa")  # 4 heads, 2 KV heads
+    (message,) = [r.getMessage() for r in caplog.records if "wqkv" in r.getMessage()]
+    assert "\n" not in message
+    assert "q rows 42-63 read k's scale; k rows 84-95 read v's scale" in message
+    assert "17% (q) and 31% (k)" in message and "model_state_fp16.pt is unaffected" in message
+    caplog.clear()
+    mha = BitNetForCausalLM(tiny_config(num_key_value_heads=4)).eval()
+    with caplog.at_level("WARNING", logger="bitnet_train.export.gpu"):
+        export_gpu(mha, tmp_path / "mha")
+    assert not [r for r in caplog.records if "wqkv" in r.getMessage()]
+    assert WQKV_SCALE_WARNING.count("%s") == 1

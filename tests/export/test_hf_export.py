@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import stat
 import tempfile
 
 import pytest
@@ -35,11 +36,18 @@ from bitnet_train.data.chat import CHAT_TEMPLATE
 from bitnet_train.data.tokenizer import train_demo_tokenizer
 from bitnet_train.errors import ExportError
 from bitnet_train.export import hf as hf_export
-from bitnet_train.export.cli import main as export_main
 from bitnet_train.export.packing import unpack_ternary
-from bitnet_train.export.size import exporter_function, hf_size_report, resolve_config
+from bitnet_train.export.size import hf_size_report
+from bitnet_train.export_cli import main as export_main
+from bitnet_train.export_cli import resolve_config
 from bitnet_train.io import save_model
-from bitnet_train.model import BitNetForCausalLM, build_model, model_size, ternary_weight
+from bitnet_train.model import (
+    BitLinear,
+    BitNetForCausalLM,
+    build_model,
+    model_size,
+    ternary_weight,
+)
 from tests.conftest import tiny_config
 
 REL_TOL = 0.05
@@ -157,6 +165,16 @@ def test_config_json_is_2b4t_style(exported):
         assert cfg["dtype"] == "bfloat16"
 
 
+def test_every_file_has_the_mode_open_gives(exported):
+    """model.safetensors came out 0600 (safetensors writes through mkstemp), unlike the rest."""
+    probe = exported / "probe"
+    probe.write_text("x")
+    plain = stat.S_IMODE(probe.stat().st_mode)
+    for fmt in ("final", "hf", "hf-bf16"):
+        modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in (exported / fmt).iterdir()}
+        assert "model.safetensors" in modes and set(modes.values()) == {plain}, (fmt, modes)
+
+
 def test_packed_tensors(exported):
     model, _ = trained_tiny()
     with safe_open(str(exported / "hf" / "model.safetensors"), framework="pt") as f:
@@ -164,7 +182,7 @@ def test_packed_tensors(exported):
         assert "lm_head.weight" not in keys  # tied: transformers re-ties it
         assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
         assert f.get_tensor("model.norm.weight").dtype == torch.bfloat16
-        projections = model.bitlinear_modules()
+        projections = {n: m for n, m in model.named_modules() if isinstance(m, BitLinear)}
         assert len(projections) == 14
         for name, module in projections.items():
             packed = f.get_tensor(f"{name}.weight")
@@ -318,11 +336,23 @@ def test_dry_run_prints_every_format(capsys):
     assert "412.892 MB at log2(3)" in out and "521.011 MB at 2 bits" in out
 
 
+def test_dry_run_composes_a_users_model_config(tmp_path, capsys):
+    """A model YAML of one's own, by name with --config-dir or by path, composed by Hydra like a
+    run's model group (its defaults list starts from the shipped tiny)."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "wide_tiny.yaml").write_text(
+        "defaults: [tiny, _self_]\nname: wide_tiny\nhidden_size: 512\n")
+    assert export_main(["wide_tiny", "--config-dir", str(tmp_path), "--dry-run"]) == 0
+    assert "model wide_tiny: params total" in capsys.readouterr().out
+    cfg = resolve_config(tmp_path / "model" / "wide_tiny.yaml")
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (512, 4, 4096)
+    assert export_main(["wide_tiny", "--dry-run"]) == 1  # not shipped
+    assert "known names: 1.3b, 2b4t" in capsys.readouterr().err
+
+
 def test_cli_errors_are_clear(tmp_path, capsys):
     assert export_main([str(tmp_path / "missing"), "--format", "hf", "--out",
                         str(tmp_path / "o")]) == 1
     assert "not a model directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         export_main(["2b4t", "--format", "hf"])  # --out missing
-    with pytest.raises(ExportError, match="bitnet_train.export.nothing.f is not available"):
-        exporter_function("bitnet_train.export.nothing", "f")

@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bitnet_train.errors import CheckpointError
-from bitnet_train.export.cli import import_main
 from bitnet_train.export.hf import export_hf
 from bitnet_train.export.importers import master_weight
+from bitnet_train.export_cli import import_main
 from bitnet_train.integrity import MANIFEST_FILE
 from bitnet_train.io import load_model
-from bitnet_train.model import ternary_weight
+from bitnet_train.model import BitLinear, ternary_weight
 from tests.export.test_hf_export import (
     assert_near_exact,
     bf16_rounded,
@@ -58,7 +58,9 @@ def test_packed_import_forward_equals_packed_model(dirs):
     model, tok = trained_tiny()
     imported, tokenizer = load_model(dirs / "hf")
     assert tokenizer is not None and tokenizer.chat_template == tok.chat_template
-    for name, module in imported.bitlinear_modules().items():
+    projections = {n: m for n, m in imported.named_modules() if isinstance(m, BitLinear)}
+    assert len(projections) == 14
+    for name, module in projections.items():
         codes, a = ternary_weight(module.weight)
         ref_codes, ref_a = ternary_weight(model.get_submodule(name).weight)
         assert torch.equal(codes, ref_codes), name

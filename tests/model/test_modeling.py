@@ -13,7 +13,7 @@ from tests.conftest import tiny_config
 
 def test_every_projection_is_bitlinear_and_embeddings_are_not(tiny_cfg):
     model = BitNetForCausalLM(tiny_cfg)
-    bit = model.bitlinear_modules()
+    bit = {n: m for n, m in model.named_modules() if isinstance(m, BitLinear)}
     assert len(bit) == 7 * tiny_cfg.num_hidden_layers
     for name in bit:
         assert name.rsplit(".", 1)[-1] in {"q_proj", "k_proj", "v_proj", "o_proj",

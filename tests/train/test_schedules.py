@@ -19,6 +19,7 @@ from bitnet_train.train.schedules import (
     param_groups,
     stage_at,
     stage_boundary_step,
+    warmup_length,
     wd_at,
 )
 from tests.conftest import tiny_config
@@ -105,6 +106,7 @@ def test_boundary_step_rounds_to_nearest_and_single_stage_has_no_stage_two():
         ({"lr_stage1_end": 2e-3}, "lr_stage1_end"),
         ({"lr_floor": 1e-3}, "lr_floor"),
         ({"warmup_steps": -1}, "warmup_steps"),
+        ({"warmup_ratio": 1.0}, "warmup_ratio"),
     ],
 )
 def test_invalid_configs_name_the_key(kwargs, key):
@@ -115,6 +117,20 @@ def test_invalid_configs_name_the_key(kwargs, key):
 def test_warmup_longer_than_stage_one_is_refused():
     with pytest.raises(ConfigError, match="warmup_steps"):
         lr_at(0, 600, ScheduleConfig())  # default warmup 375 > 300 steps of stage 1
+
+
+def test_warmup_ratio_scales_with_the_run_length():
+    """warmup_ratio, when warmup_steps is 0: 20 steps of 300, none of 5 (the demo's smoke run);
+    warmup_steps > 0 takes precedence, as in transformers."""
+    cfg = ScheduleConfig(warmup_steps=0, warmup_ratio=0.0667, stage_boundary=0.7)
+    assert warmup_length(300, cfg) == 20 and warmup_length(5, cfg) == 0
+    assert warmup_length(300, ScheduleConfig(warmup_steps=3, warmup_ratio=0.0667)) == 3
+    # linear warmup over exactly those 20 steps, at the peak on step 19
+    assert lr_at(0, 300, cfg) == pytest.approx(cfg.lr_peak / 20)
+    assert lr_at(19, 300, cfg) == pytest.approx(cfg.lr_peak)
+    assert lr_at(0, 5, cfg) == pytest.approx(cfg.lr_peak)  # no warmup in a 5-step run
+    with pytest.raises(ConfigError, match=r"warmup_ratio=0.9 \(9 warmup steps\)"):
+        lr_at(0, 10, ScheduleConfig(warmup_steps=0, warmup_ratio=0.9))
 
 
 def test_omegaconf_structured_config_validates():

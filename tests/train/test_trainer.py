@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
+from omegaconf import OmegaConf
 
 from bitnet_train.errors import CheckpointError, TrainingError
 from bitnet_train.io import load_model
@@ -16,7 +19,7 @@ from bitnet_train.train.checkpoint import Checkpointer
 from bitnet_train.train.objectives.base import MicroStep
 from bitnet_train.train.objectives.language_model import LanguageModelObjective
 from bitnet_train.train.run import run
-from bitnet_train.train.schedules import ScheduleConfig
+from bitnet_train.train.schedules import ScheduleConfig, lr_at
 from bitnet_train.train.trainer import BatchPlan, Trainer
 from tests.conftest import free_port, tiny_config
 from tests.train.helpers import make_tokenizer, pretrain_config, write_corpus
@@ -29,19 +32,28 @@ def workdir(tmp_path_factory):
     return root, write_corpus(root / "corpus")
 
 
-def test_short_run_memorises_repeated_corpus(workdir, tmp_path):
+def test_short_run_memorises_repeated_corpus(workdir, tmp_path, caplog):
     """Loss on a repeated tiny corpus falls far: gradients flow through both STEs."""
     root, corpus = workdir
     shutil.copytree(root / "tokenizer", tmp_path / "tokenizer")
     cfg = pretrain_config(tmp_path, corpus, "trainer.max_steps=60", "schedule.lr_peak=5e-3",
                           "schedule.lr_stage1_end=4e-3", "schedule.lr_stage2_peak=2e-3",
                           "schedule.lr_floor=1e-4")
-    result = run(cfg)
+    with caplog.at_level(logging.INFO, logger="bitnet_train.train.trainer"):
+        result = run(cfg)
     losses = [h.metrics["loss"] for h in result.history]
     assert len(losses) == 60
     assert losses[-1] < 0.35 * losses[0], losses[::10]
-    for key in ("lr", "weight_decay", "grad_norm", "tokens_per_s"):
-        assert key in result.history[-1].metrics or key == "tokens_per_s"
+    last = result.history[-1].metrics
+    assert last["lr"] == pytest.approx(lr_at(59, 60, cfg.schedule))
+    assert last["weight_decay"] == 0.0  # stage 2
+    assert last["grad_norm"] > 0 and last["tokens"] == 4 * 32  # micro-batch 4 x seq 32
+    # log_every=1000: one line, at the last step, with throughput and memory
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert line.startswith("step 60/60 ")
+    logged = dict(kv.split("=") for kv in line.split()[2:])
+    assert float(logged["tokens_per_s"]) > 0 and float(logged["peak_rss_gb"]) > 0
+    assert float(logged["loss"]) == pytest.approx(losses[-1], rel=1e-3)
     # DIR/final loads through load_model with the same forward
     model, tok = load_model(result.final_dir)
     assert tok is not None and model.config.hidden_size == 64
@@ -91,6 +103,38 @@ def test_resume_is_exact(workdir, tmp_path):
     wa = straight.trainer.accelerator.unwrap_model(straight.trainer.model).state_dict()
     wb = resumed.trainer.accelerator.unwrap_model(resumed.trainer.model).state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resuming_a_finished_run_writes_no_new_checkpoint(workdir, tmp_path):
+    """Whether the last step is saved is tracked, not read off a directory name: resuming from
+    a whole checkpoint stored under another name, at the last step, saves nothing again."""
+    root, corpus = workdir
+    shutil.copytree(root / "tokenizer", tmp_path / "tokenizer")
+    first = run(pretrain_config(tmp_path / "a", corpus, "trainer.max_steps=3",
+                                f"tokenizer={tmp_path / 'tokenizer'}"))
+    kept = tmp_path / "archive" / "run-a-final"
+    shutil.copytree(Path(first.trainer.last_checkpoint), kept)
+    again = run(pretrain_config(tmp_path / "b", corpus, "trainer.max_steps=3",
+                                f"tokenizer={tmp_path / 'tokenizer'}", f"trainer.resume={kept}"))
+    assert again.history == [] and again.trainer.step == 3
+    assert Checkpointer(tmp_path / "b" / "run" / "checkpoints", 2).all() == []
+    assert again.trainer.last_checkpoint == str(kept)
+
+
+def test_derived_grad_accum_is_in_the_written_config(workdir, tmp_path, caplog):
+    """global_batch_tokens fixes grad_accum at start; config.yaml records the derived value and
+    the caller's config is left as it was. No tied-lm_head notice from accelerate."""
+    root, corpus = workdir
+    shutil.copytree(root / "tokenizer", tmp_path / "tokenizer")
+    cfg = pretrain_config(tmp_path, corpus, "trainer.max_steps=4",
+                          f"trainer.global_batch_tokens={3 * 4 * 32}")  # 3 x (4 rows x 32)
+    with caplog.at_level(logging.WARNING):
+        result = run(cfg)
+    written = OmegaConf.load(tmp_path / "run" / "config.yaml")
+    assert written.trainer.grad_accum == 3 and cfg.trainer.grad_accum == 1
+    assert written.trainer.global_batch_tokens == 384 and written.data.seq_len == 32
+    assert [h.metrics["tokens"] for h in result.history] == [384] * 4
+    assert not [r for r in caplog.records if "Removed shared tensor" in r.getMessage()]
 
 
 def test_resume_refuses_another_model_shape(workdir, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from bitnet_train.data.packing import IGNORE_INDEX
 from bitnet_train.train.losses import causal_lm_head_fn
 from bitnet_train.train.objectives.base import MicroStep
 
@@ -36,7 +37,7 @@ class LanguageModelObjective:
         return None
 
     def count(self, batch: dict[str, Tensor]) -> int:
-        return int((batch["labels"][:, 1:] != -100).sum())
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def micro_step(self, model: nn.Module, batch: dict[str, Tensor]) -> MicroStep:
         head = causal_lm_head_fn(batch["labels"], reduction="sum", impl=self.loss_impl,
