@@ -19,7 +19,7 @@ def train_main() -> None:
     `model/`, `data/` ... files are then found beside the shipped ones).
     """
     if sys.argv[1:2] == ["data-preview"]:
-        from bitnet_train.data.preview import main
+        from bitnet_train.data_preview_cli import main
 
         sys.exit(main(sys.argv[2:]))
     import hydra

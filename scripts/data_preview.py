@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bitnet_train.data.preview import main  # noqa: E402
+from bitnet_train.data_preview_cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

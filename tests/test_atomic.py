@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bitnet_train.atomic import atomic_directory, atomic_file
-from bitnet_train.errors import CheckpointError
+from bitnet_train.errors import CheckpointError, WriteError
 
 
 def plain_mode(directory: Path) -> int:
@@ -48,10 +48,12 @@ def test_replaces_an_earlier_output_and_keeps_it_on_error(tmp_path):
     out = tmp_path / "out"
     with atomic_directory(out, marker="config.json") as tmp:
         (tmp / "config.json").write_text("1")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(WriteError, match=r"write failed while writing .*out.*previous version "
+                                         r"is intact") as err:
         with atomic_directory(out, marker="config.json") as tmp:
             (tmp / "config.json").write_text("2")
             raise RuntimeError("failed half way")
+    assert isinstance(err.value.__cause__, RuntimeError)  # whatever a library raised, named
     assert (out / "config.json").read_text() == "1"
     with atomic_directory(out, marker="config.json") as tmp:
         (tmp / "config.json").write_text("3")

@@ -127,7 +127,8 @@ def apply_kernels(model: BitNetForCausalLM) -> bool:
     """Swap every decoder layer of a ternary model to the fused kernels, in place; returns
     whether anything changed (a `quantization: none` model has nothing to fuse)."""
     if model.config.quantization != "ternary":
-        log.info("model.quantization=%s: no ternary projections to fuse", model.config.quantization)
+        log.debug("model.quantization=%s: no ternary projections to fuse",
+                  model.config.quantization)
         return False
     for layer in model.model.layers:
         if not isinstance(layer, FusedBitNetDecoderLayer):
@@ -135,5 +136,5 @@ def apply_kernels(model: BitNetForCausalLM) -> bool:
     if not getattr(model, "_ternary_refresh_hook", None):
         # the codes are computed at the first forward, on whatever device the model is by then
         model._ternary_refresh_hook = model.register_forward_pre_hook(_refresh_hook)
-    log.info("fused Triton kernels in %d decoder layers", len(model.model.layers))
+    log.debug("fused Triton kernels in %d decoder layers", len(model.model.layers))
     return True

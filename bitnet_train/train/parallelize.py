@@ -42,7 +42,7 @@ def resolve_attention(mode: str, device: torch.device) -> str:
 def apply_attention(model: BitNetForCausalLM, name: str) -> None:
     """Set the attention backend ("sdpa" | "flex") of every layer."""
     model.model.attention = make_attention(name)
-    log.info("attention backend: %s", name)
+    log.debug("attention backend: %s", name)
 
 
 def apply_kernels(model: BitNetForCausalLM) -> bool:
@@ -62,7 +62,7 @@ def apply_compile(model: BitNetForCausalLM, backend: str = "inductor") -> None:
     for block in model.model.layers:
         block.compile(backend=backend)
     model.model.norm.compile(backend=backend)
-    log.info("compiled %d decoder blocks (%s)", len(model.model.layers), backend)
+    log.debug("compiled %d decoder blocks (%s)", len(model.model.layers), backend)
 
 
 def parallelize(model: BitNetForCausalLM, device: torch.device, kernels: str = "auto",
@@ -82,5 +82,5 @@ def parallelize(model: BitNetForCausalLM, device: torch.device, kernels: str = "
     if applied["compile"]:
         apply_compile(model)
     elif compile:
-        log.info("trainer.compile ignored on %s", device.type)
+        log.debug("trainer.compile ignored on %s", device.type)
     return applied

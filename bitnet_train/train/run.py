@@ -150,14 +150,62 @@ def resolve_output_dir(cfg: TrainConfig) -> Path:
     return Path("outputs") / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}-{cfg.run_name}"
 
 
+class HeldFileLogs:
+    """Hold the records bound for log files (Hydra's train.log) from creation until `release`
+    writes them, or `discard` drops them: a relaunch refused before its first step then writes
+    nothing under the run directory. Console output is not held."""
+
+    def __init__(self) -> None:
+        self.root = logging.getLogger()
+        self.files = [h for h in self.root.handlers if isinstance(h, logging.FileHandler)]
+        self.records: list[logging.LogRecord] = []
+        holder = self
+
+        class _Hold(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                holder.records.append(record)
+
+        self.hold = _Hold(level=min((h.level for h in self.files), default=logging.NOTSET))
+        for h in self.files:
+            self.root.removeHandler(h)
+        if self.files:
+            self.root.addHandler(self.hold)
+
+    def _restore(self) -> None:
+        self.root.removeHandler(self.hold)
+        for h in self.files:
+            self.root.addHandler(h)
+
+    def release(self) -> None:
+        self._restore()
+        for h in self.files:
+            for record in self.records:
+                if record.levelno >= h.level:
+                    h.handle(record)
+
+    def discard(self) -> None:
+        self._restore()
+
+
 def run(cfg: TrainConfig) -> RunResult:
     """Train `cfg` to the end and save DIR/final with `save_model`."""
-    from bitnet_train.atomic import recover_atomic_directory
-    from bitnet_train.data.tokenizer import load_tokenizer, save_tokenizer
-    from bitnet_train.io import save_model
 
     output_dir = resolve_output_dir(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
+    held_logs = HeldFileLogs()  # nothing reaches train.log before the relaunch is accepted
+    try:
+        result = _build_and_resume(cfg, output_dir)
+    except BaseException:
+        held_logs.discard()
+        raise
+    held_logs.release()
+    return _train(output_dir, *result)
+
+
+def _build_and_resume(cfg: TrainConfig, output_dir: Path):
+    """Everything before the first step, up to an accepted resume (see `run`)."""
+    from bitnet_train.data.tokenizer import load_tokenizer, save_tokenizer
+
     accelerator = build_accelerator(cfg, output_dir)
     cfg = with_derived_values(cfg, accelerator.num_processes)
     set_seed(cfg.seed)
@@ -180,7 +228,6 @@ def run(cfg: TrainConfig) -> RunResult:
     objective = build_objective(cfg, model)
     applied = parallelize(model, accelerator.device, kernels=cfg.trainer.kernels,
                           attention=cfg.trainer.attention, compile=cfg.trainer.compile)
-    log.info("fast paths: %s", applied)
     reference = getattr(objective, "reference", None)
     if reference is not None:  # the frozen DPO reference runs the same forward, as fast
         parallelize(reference, accelerator.device, kernels=cfg.trainer.kernels,
@@ -219,10 +266,21 @@ def run(cfg: TrainConfig) -> RunResult:
                                    cfg.trainer.divergence_window, cfg.trainer.divergence_max_skips),
     )
     _maybe_resume(trainer, cfg, checkpointer, unwrapped)
+    return cfg, accelerator, trainer, plan, tokenizer, unwrapped, applied
+
+
+def _train(output_dir: Path, cfg: TrainConfig, accelerator: Accelerator, trainer: Trainer,
+           plan: Any, tokenizer: Any, unwrapped: BitNetForCausalLM,
+           applied: dict[str, Any]) -> RunResult:
+    """Train an accepted run (`_build_and_resume`'s results) to the end and save DIR/final."""
+    from bitnet_train.atomic import recover_atomic_directory
+    from bitnet_train.io import save_model
+
     # Only now, with the relaunch accepted, does anything under output_dir change: a refused
     # one (another model shape, damaged checkpoints) leaves the run directory as it was.
     if accelerator.is_main_process:
-        log.info("run %s (%s) in %s", cfg.run_name, code_version(), output_dir)
+        log.info("run %s (%s) in %s; fast paths %s", cfg.run_name, code_version(), output_dir,
+                 applied)
         (output_dir / "config.yaml").write_text(config_yaml(cfg))
         for leftover in recover_atomic_directory(output_dir / "final"):
             log.info("removed %s, left by a write of final/ that was killed", leftover)

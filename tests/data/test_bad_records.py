@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bitnet_train.data.adapters import SourceConfig as ChatSourceConfig
-from bitnet_train.data.adapters import load_source
+from bitnet_train.data.adapters import ChatSourceConfig, load_source
 from bitnet_train.data.bad_records import find_bad_record
 from bitnet_train.data.config import SourceConfig
 from bitnet_train.data.pretrain import build_pretrain_stream

@@ -50,8 +50,8 @@ def _install_kill(kill: dict) -> None:
     import accelerate.utils.other as acc_other
     import torch
 
+    import bitnet_train.export.hf as hf_writer  # writes final/ (save_model -> write_master)
     import bitnet_train.integrity as integrity
-    import bitnet_train.io as bio
     import bitnet_train.train.checkpoint as ckpt
 
     target, nth = kill["target"], kill["nth"]
@@ -118,7 +118,7 @@ def _install_kill(kill: dict) -> None:
 
         os.rename = rename
     elif target == "final_file":
-        orig_file = bio.save_file
+        orig_file = hf_writer.save_file
 
         def save_file(tensors, filename, *a, **k):
             orig_file(tensors, filename, *a, **k)
@@ -126,16 +126,16 @@ def _install_kill(kill: dict) -> None:
                 _cut_half(filename)
                 _die()
 
-        bio.save_file = save_file
+        hf_writer.save_file = save_file
     elif target == "final_rename":
-        orig_replace = os.replace
+        orig_rename = os.rename  # bitnet_train.atomic publishes a directory with os.rename
 
-        def replace(src, dst, *a, **k):
+        def rename(src, dst, *a, **k):
             if Path(dst).name == "final" and ".final.tmp-" in str(src) and due():
                 _die()
-            return orig_replace(src, dst, *a, **k)
+            return orig_rename(src, dst, *a, **k)
 
-        os.replace = replace
+        os.rename = rename
     else:
         raise ValueError(f"unknown kill target {target!r}")
 

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bitnet_train.errors import CheckpointError, IntegrityError
-from bitnet_train.export.cli import import_main
 from bitnet_train.export.gguf import _BitNetCppReader, export_gguf
 from bitnet_train.export.gpu import export_gpu, read_gpu_checkpoint
 from bitnet_train.export.hf import export_hf
+from bitnet_train.export_cli import import_main
 from bitnet_train.integrity import MANIFEST_FILE, sidecar_path
 from bitnet_train.io import load_model, save_model
 from bitnet_train.model import BitNetForCausalLM

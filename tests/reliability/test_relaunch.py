@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from bitnet_train.atomic import recover_atomic_directory
 from bitnet_train.errors import CheckpointError
-from bitnet_train.io import load_model, recover_atomic_directory, save_model
+from bitnet_train.io import load_model, save_model
 from bitnet_train.model import build_model
 from bitnet_train.train.run import run
 from tests.conftest import tiny_config

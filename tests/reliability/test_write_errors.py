@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-import bitnet_train.io as bio
+import bitnet_train.export.hf as hf_writer  # writes final/ (save_model -> write_master)
 import bitnet_train.train.checkpoint as ckpt_mod
 from bitnet_train.data.tokenizer import load_tokenizer
 from bitnet_train.errors import TrainingError, WriteError
@@ -211,14 +211,14 @@ def test_real_write_failure_then_resume_is_exact(assets, tmp_path, monkeypatch, 
 def test_final_write_error_names_the_directory_and_is_cleaned(assets, tmp_path, monkeypatch):
     root, corpus, reference = assets
     cfg = pretrain_config(_fresh(root, tmp_path), corpus, *RUN)
-    orig = bio.save_file
+    orig = hf_writer.save_file
 
     def full(tensors, filename, *a, **k):
         Path(filename).write_bytes(b"\0" * 100)
         raise SafetensorError(f"Error while serializing: I/O error: {NO_SPACE} (os error 28)")
 
     with monkeypatch.context() as mp:
-        mp.setattr(bio, "save_file", full)
+        mp.setattr(hf_writer, "save_file", full)
         with pytest.raises(WriteError) as err:
             run(cfg)
     final = tmp_path / "run" / "final"
@@ -228,7 +228,7 @@ def test_final_write_error_names_the_directory_and_is_cleaned(assets, tmp_path, 
     assert f"it needs about {weights / 1e3:.2f} kB" in str(err.value)  # the tensors (tied head)
     assert not [p for p in final.parent.iterdir() if p.name.startswith(".final")]
     assert Checkpointer(final.parent / "checkpoints", 3).latest().name == "step_00000004"
-    bio.save_file = orig
+    hf_writer.save_file = orig
     resumed = run(cfg)  # nothing left to train: writes final/ from the step-4 checkpoint
     assert resumed.history == []
     from bitnet_train.io import load_model
