@@ -348,7 +348,7 @@ def load_model(
         return model.to(device=device, dtype=dtype).eval(), tokenizer
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a model directory (config.json + safetensors)")
-    config_dict = read_config_dict(path)
+    config_dict = _checkpoint_config_dict(path) or read_config_dict(path)
     config = BitNetConfig.from_hf_dict(config_dict, name=path.name)
     info = read_tensor_info(path)
 
@@ -362,6 +362,19 @@ def load_model(
         state = read_tensors(path)
     model = model_from_state(config, state, dtype=dtype, device=device, source=path)
     return model, load_tokenizer_if_present(path)
+
+
+def _checkpoint_config_dict(path: Path) -> dict[str, Any] | None:
+    """The model config of a trainer checkpoint without config.json (written before checkpoints
+    carried one): its metadata.json's `model_config`; None for any other directory."""
+    meta = path / "metadata.json"
+    if (path / CONFIG_FILE).is_file() or not meta.is_file():
+        return None
+    try:
+        config = json.loads(meta.read_text()).get("model_config")
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{meta} is not valid JSON ({err})") from err
+    return config if isinstance(config, dict) else None
 
 
 def _import_gguf(path: Path) -> tuple[BitNetForCausalLM, Any]:

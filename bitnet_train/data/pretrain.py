@@ -34,13 +34,16 @@ each rank's.
 
 Stage 2: build a new stream with `stage=2` at the stage boundary; it reads `cfg.stage2` (or
 stage 1's mixture when stage2 is None) under a different seed.
+
+Held-out documents (`exclude`, from data.heldout.carve_pretrain_heldout): each source drops
+them by content before it repeats, so no pass over the data ever trains on them.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import datasets
@@ -52,6 +55,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from bitnet_train.data.config import MixtureConfig, PretrainDataConfig
+from bitnet_train.data.heldout import exclude_documents, excluded_for
 from bitnet_train.data.packing import DocumentPacker, collate_rows, frame_document
 from bitnet_train.data.sources import normalize_source, open_source
 from bitnet_train.errors import CheckpointError, ConfigError, DataError
@@ -73,12 +77,15 @@ def build_mixture(
     rank: int = 0,
     world_size: int = 1,
     streaming: bool = True,
+    exclude: Mapping[str, frozenset[bytes]] | None = None,
 ) -> IterableDataset:
-    """The infinite, rank-sharded stream of {text, source} records of `mixture`."""
+    """The infinite, rank-sharded stream of {text, source} records of `mixture`, without the
+    documents `exclude` names (source name -> text digests, see data.heldout)."""
     parts = []
-    for index, src in enumerate(mixture.sources):
+    for index, (src, keys) in enumerate(zip(mixture.sources,
+                                            excluded_for(mixture.sources, exclude))):
         ds = normalize_source(open_source(src, streaming=streaming), src, index)
-        parts.append(ds.repeat(None))
+        parts.append(exclude_documents(ds, keys).repeat(None))
     if len(parts) == 1:
         mixed = parts[0]
     else:
@@ -208,6 +215,7 @@ class PretrainStream:
         rank: int = 0,
         world_size: int = 1,
         batch_size: int = 1,
+        exclude: Mapping[str, frozenset[bytes]] | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank={rank} must lie in [0, world_size={world_size})")
@@ -222,10 +230,12 @@ class PretrainStream:
         self.batch_size = batch_size
         self.mixture = cfg.mixture(stage)
         self.source_names = [s.name for s in self.mixture.sources]
+        self._excluded = {name: len(keys) for name, keys in (exclude or {}).items()
+                          if keys and name in self.source_names}
         self._bos_id = tokenizer.bos_token_id
         self._eos_id = tokenizer.eos_token_id
         dataset = build_mixture(self.mixture, seed=derive_seed(cfg.seed, stage), rank=rank,
-                                world_size=world_size, streaming=cfg.streaming)
+                                world_size=world_size, streaming=cfg.streaming, exclude=exclude)
         self._reader = _DocumentReader(dataset, tokenizer, cfg.tokenize_batch_size,
                                        self.source_names)
         self._shuffle = (_ShuffleBuffer(cfg.shuffle_buffer, derive_seed(cfg.seed, stage, rank))
@@ -266,9 +276,12 @@ class PretrainStream:
 
     # -- resume --------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
-        return {"stage": self.stage, "rank": self.rank, "world_size": self.world_size,
-                "seq_len": self.cfg.seq_len, "sources": self.source_names,
-                "shuffle_buffer": self.cfg.shuffle_buffer}
+        identity = {"stage": self.stage, "rank": self.rank, "world_size": self.world_size,
+                    "seq_len": self.cfg.seq_len, "sources": self.source_names,
+                    "shuffle_buffer": self.cfg.shuffle_buffer}
+        if self._excluded:  # held-out documents per source (absent: none, as before)
+            identity["heldout_documents"] = self._excluded
+        return identity
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly after the last batch yielded."""
@@ -311,9 +324,11 @@ class _WorkerStreams(torch.utils.data.IterableDataset):
     StatefulDataLoader snapshots and restores each worker's state with the batches."""
 
     def __init__(self, cfg: PretrainDataConfig, tokenizer: PreTrainedTokenizerBase,
-                 stage: int, rank: int, world_size: int, batch_size: int) -> None:
+                 stage: int, rank: int, world_size: int, batch_size: int,
+                 exclude: Mapping[str, frozenset[bytes]] | None = None) -> None:
         self.args = (cfg, tokenizer)
-        self.kwargs = dict(stage=stage, rank=rank, world_size=world_size, batch_size=batch_size)
+        self.kwargs = dict(stage=stage, rank=rank, world_size=world_size, batch_size=batch_size,
+                           exclude=exclude)
 
     def __iter__(self) -> PretrainStream:
         info = torch.utils.data.get_worker_info()
@@ -330,7 +345,8 @@ class LoaderStream:
     state_dict / load_state_dict interface as PretrainStream."""
 
     def __init__(self, cfg: PretrainDataConfig, tokenizer: PreTrainedTokenizerBase, *,
-                 stage: int, rank: int, world_size: int, batch_size: int) -> None:
+                 stage: int, rank: int, world_size: int, batch_size: int,
+                 exclude: Mapping[str, frozenset[bytes]] | None = None) -> None:
         try:
             from torchdata.stateful_dataloader import StatefulDataLoader
         except ImportError as err:
@@ -340,7 +356,7 @@ class LoaderStream:
             ) from err
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank={rank} must lie in [0, world_size={world_size})")
-        dataset = _WorkerStreams(cfg, tokenizer, stage, rank, world_size, batch_size)
+        dataset = _WorkerStreams(cfg, tokenizer, stage, rank, world_size, batch_size, exclude)
         # batch_size=None: every item already is a batch (a dict of tensors).
         self._loader = StatefulDataLoader(dataset, batch_size=None, num_workers=cfg.num_workers)
         self._batches: Iterator[dict[str, Tensor]] | None = None
@@ -368,14 +384,17 @@ def build_pretrain_stream(
     rank: int = 0,
     world_size: int = 1,
     batch_size: int = 1,
+    exclude: Mapping[str, frozenset[bytes]] | None = None,
 ) -> PretrainStream | LoaderStream:
     """The infinite batch stream of `stage` (1 or 2) for data-parallel `rank` of `world_size`.
 
     Each batch: input_ids, labels, attention_mask, position_ids, document_ids, int64 of shape
     (batch_size, cfg.seq_len). num_workers = 0: a PretrainStream in this process; > 0: a
     LoaderStream (needs torchdata). Both are iterators with state_dict / load_state_dict.
+    `exclude`: held-out documents per source name, never yielded (data.heldout).
     """
-    kw = dict(stage=stage, rank=rank, world_size=world_size, batch_size=batch_size)
+    kw = dict(stage=stage, rank=rank, world_size=world_size, batch_size=batch_size,
+              exclude=exclude)
     if cfg.num_workers > 0:
         return LoaderStream(cfg, tokenizer, **kw)
     return PretrainStream(cfg, tokenizer, **kw)

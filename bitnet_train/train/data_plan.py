@@ -29,12 +29,14 @@ log = logging.getLogger(__name__)
 
 class PretrainPlan(BatchPlan):
     def __init__(self, data_cfg, tokenizer, rank: int, world_size: int, micro_batch_size: int,
-                 total_steps: int, schedule: ScheduleConfig) -> None:
+                 total_steps: int, schedule: ScheduleConfig, exclude=None) -> None:
         self.cfg, self.tokenizer = data_cfg, tokenizer
         self.rank, self.world_size, self.micro = rank, world_size, micro_batch_size
         self.total_steps, self.schedule = total_steps, schedule
+        self.exclude = exclude  # held-out documents per source, never trained on
         self.stage = 0
         self.stream = None
+        self.heldout = None
 
     def _stage_for(self, step: int) -> int:
         if self.cfg.stage2 is None:
@@ -46,7 +48,8 @@ class PretrainPlan(BatchPlan):
             log.info("switching the data mixture to stage %d", stage)
         self.stage = stage
         self.stream = build_pretrain_stream(self.cfg, self.tokenizer, stage=stage, rank=self.rank,
-                                            world_size=self.world_size, batch_size=self.micro)
+                                            world_size=self.world_size, batch_size=self.micro,
+                                            exclude=self.exclude)
 
     def batches_for_step(self, step: int, grad_accum: int) -> list[dict[str, Tensor]]:
         stage = self._stage_for(step)
@@ -76,6 +79,8 @@ class EpochPlan(BatchPlan):
         self.grad_accum = grad_accum
         self.ref_logps: Tensor | None = None  # (num_rows, 2) when precomputed (DPO)
         self.counts: dict[str, int] = {}
+        self.heldout = getattr(dataset, "heldout", None)  # trainer.eval_every's data
+        self.heldout_ref_logps: Tensor | None = None  # (held-out pairs, 2), DPO precomputed
 
     def rows_of(self, epoch: int, index: int) -> np.ndarray:
         return self.dataset.rank_rows(epoch)[index * self.micro:(index + 1) * self.micro]
@@ -108,21 +113,32 @@ class EpochPlan(BatchPlan):
 
 
 @torch.no_grad()
-def precompute_reference_logps(plan: EpochPlan, reference, device, loss_impl: str) -> None:
-    """One pass of the frozen reference over every pair this rank will see; then the reference
-    can be freed. Stores (num_rows, 2) summed log-probs (chosen, rejected) on the plan."""
+def reference_logps_table(dataset, rows: np.ndarray, reference, device, micro: int,
+                          loss_impl: str) -> Tensor:
+    """(dataset.num_rows, 2) summed log-probs (chosen, rejected) of the frozen reference over
+    the pairs `rows` (NaN elsewhere)."""
     from bitnet_train.train.objectives.dpo import reference_logps
 
-    table = torch.full((plan.dataset.num_rows, 2), float("nan"))
-    rows = plan.all_rows()
-    for start in range(0, len(rows), plan.micro):
-        chunk = rows[start:start + plan.micro]
-        batch = {k: v.to(device) for k, v in plan.dataset.collate(chunk.tolist()).items()}
+    table = torch.full((dataset.num_rows, 2), float("nan"))
+    for start in range(0, len(rows), micro):
+        chunk = rows[start:start + micro]
+        batch = {k: v.to(device) for k, v in dataset.collate(chunk.tolist()).items()}
         lp = reference_logps(reference, batch, loss_impl).float().cpu()
         n = len(chunk)
         table[torch.as_tensor(chunk), 0] = lp[:n]
         table[torch.as_tensor(chunk), 1] = lp[n:]
-    plan.ref_logps = table
+    return table
+
+
+def precompute_reference_logps(plan: EpochPlan, reference, device, loss_impl: str) -> None:
+    """One pass of the frozen reference over every pair this rank will see (and the held-out
+    pairs); then the reference can be freed. Stores the tables on the plan."""
+    plan.ref_logps = reference_logps_table(plan.dataset, plan.all_rows(), reference, device,
+                                           plan.micro, loss_impl)
+    if plan.heldout is not None:
+        plan.heldout_ref_logps = reference_logps_table(
+            plan.heldout, np.arange(plan.heldout.num_rows), reference, device, plan.micro,
+            loss_impl)
 
 
 def data_counts(dataset) -> dict[str, int]:
@@ -141,13 +157,25 @@ def build_batch_plan(cfg: TrainConfig, tokenizer, accelerator, objective) -> Bat
     """The plan of `cfg.objective.name`'s data for this process; sets plan.total_steps."""
     rank, world = accelerator.process_index, accelerator.num_processes
     name = cfg.objective.name
+    # trainer.eval_every: a held-out set carved from the data before training (data.heldout)
+    heldout = cfg.trainer.eval_size if cfg.trainer.eval_every > 0 else 0
     if name == "pretrain":
         if cfg.trainer.max_steps <= 0:
             raise ConfigError("pretraining is step-based: set trainer.max_steps > 0")
         ga = derive_grad_accum(cfg.trainer, cfg.data.seq_len, world)
         cfg.trainer.grad_accum = ga
+        carved = None
+        if heldout:
+            from bitnet_train.data.heldout import carve_pretrain_heldout
+
+            carved = carve_pretrain_heldout(cfg.data, tokenizer, heldout)
+            if accelerator.is_main_process:
+                log.info("held out %d rows of %d tokens per source (%s documents)", heldout,
+                         cfg.data.seq_len, carved.documents())
         plan = PretrainPlan(cfg.data, tokenizer, rank, world, cfg.trainer.micro_batch_size,
-                            cfg.trainer.max_steps, cfg.schedule)
+                            cfg.trainer.max_steps, cfg.schedule,
+                            exclude=carved.exclude if carved else None)
+        plan.heldout = carved
         plan.total_steps = cfg.trainer.max_steps
         return plan
     # the main process encodes first and fills datasets' cache; the others then read it
@@ -155,11 +183,13 @@ def build_batch_plan(cfg: TrainConfig, tokenizer, accelerator, objective) -> Bat
         if name == "sft":
             from bitnet_train.data.sft import build_sft_dataset
 
-            dataset = build_sft_dataset(cfg.data, tokenizer, rank=rank, world_size=world)
+            dataset = build_sft_dataset(cfg.data, tokenizer, rank=rank, world_size=world,
+                                        heldout=heldout)
         else:
             from bitnet_train.data.preference import build_preference_dataset
 
-            dataset = build_preference_dataset(cfg.data, tokenizer, rank=rank, world_size=world)
+            dataset = build_preference_dataset(cfg.data, tokenizer, rank=rank, world_size=world,
+                                               heldout=heldout)
     counts = data_counts(dataset)
     if counts and accelerator.is_main_process:
         # truncated / dropped conversations and pairs are counted, never silent

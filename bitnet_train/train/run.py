@@ -1,7 +1,7 @@
 """Build a run from its config, in a fixed order, and train it.
 
-model -> (reference, for DPO) -> optimizer -> accelerate prepare -> data -> checkpointer ->
-trainer (resume) -> fit -> DIR/final
+model -> (reference, for DPO) -> optimizer -> accelerate prepare -> data (and its held-out set)
+-> held-out evaluator -> checkpointer -> trainer (resume) -> fit -> DIR/final
 """
 
 from __future__ import annotations
@@ -205,6 +205,7 @@ def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
     def save_extra(tmp: Path) -> None:
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        write_model_config(tmp, unwrapped, tokenizer)  # the checkpoint loads as a model dir
 
     if accelerator.is_main_process and cfg.logger.tracker != "none":
         accelerator.init_trackers(cfg.logger.project, config=_flat_config(cfg))
@@ -220,6 +221,8 @@ def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
                              "objective": cfg.objective.name},
         flops_per_token=flops_per_token(unwrapped.config, seq_len), peak_tflops=peak,
         progress_bar=cfg.trainer.progress_bar,
+        evaluator=build_evaluator(cfg, plan, objective, accelerator),
+        eval_every=cfg.trainer.eval_every,
     )
     _maybe_resume(trainer, cfg, checkpointer, unwrapped)
     trainer.fit()
@@ -231,6 +234,37 @@ def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
     accelerator.end_training()
     return RunResult(output_dir=output_dir, final_dir=final_dir, history=trainer.history,
                      trainer=trainer)
+
+
+def build_evaluator(cfg: TrainConfig, plan, objective, accelerator):
+    """The held-out evaluator of the plan's held-out set (None when trainer.eval_every = 0)."""
+    if cfg.trainer.eval_every <= 0 or getattr(plan, "heldout", None) is None:
+        return None
+    from bitnet_train.eval.heldout import build_heldout_evaluator
+
+    return build_heldout_evaluator(
+        cfg.objective.name, plan.heldout, accelerator,
+        cfg.trainer.eval_batch_size or cfg.trainer.micro_batch_size,
+        loss_impl=cfg.objective.loss_impl, beta=cfg.objective.beta,
+        reference=getattr(objective, "reference", None),
+        ref_logps=getattr(plan, "heldout_ref_logps", None))
+
+
+def write_model_config(directory: Path, model: BitNetForCausalLM, tokenizer) -> None:
+    """config.json and generation_config.json beside a checkpoint's model.safetensors, so that
+    `load_model`, `bitnet-train eval` and transformers read the checkpoint as a model dir."""
+    from bitnet_train.io import (
+        CONFIG_FILE,
+        GENERATION_CONFIG_FILE,
+        generation_config_dict,
+        hf_config_dict,
+    )
+
+    dtype = model.model.embed_tokens.weight.dtype
+    (directory / CONFIG_FILE).write_text(json.dumps(
+        hf_config_dict(model.config, "online", dtype), indent=2, sort_keys=True) + "\n")
+    (directory / GENERATION_CONFIG_FILE).write_text(json.dumps(
+        generation_config_dict(model.config, tokenizer), indent=2) + "\n")
 
 
 def _maybe_resume(trainer: Trainer, cfg: TrainConfig, checkpointer: Checkpointer,
