@@ -31,7 +31,9 @@ class TaskSpec:
     """Render the prompt (and few-shot examples, as turns) with the tokenizer's chat template."""
     metric: str = "acc,none"
     """Key of the harness's result to report, `metric,filter` (e.g. `acc_norm,none`,
-    `exact_match,flexible-extract`); reported x 100."""
+    `exact_match,flexible-extract`)."""
+    percent: bool = True
+    """Report the metric x 100 (accuracies, exact match); false for perplexities and bits."""
     report: float | None = None
     """The BitNet b1.58 2B4T report's number for this benchmark (Table 1), for the table."""
 

@@ -28,4 +28,4 @@ def eval_from_hydra(cfg: DictConfig) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(out.markdown)
-    print(f"results written to {out.output_dir}")
+    print(f"results written to {out.output_dir}")  # the table above is results.md

@@ -132,11 +132,22 @@ def load_for_eval(cfg: EvalRunConfig) -> tuple[Any, Any, str, Path]:
     if tokenizer is None:
         raise CheckpointError(f"checkpoint={cfg.checkpoint}: {path} holds no tokenizer "
                               "(tokenizer.json); pass tokenizer=DIR_OR_HUB_ID")
+    needs_chat = [s.label or s.task for s in cfg.eval.tasks if s.chat_template] + \
+        [s.label or s.kind for s in cfg.eval.external]
+    if needs_chat and not getattr(tokenizer, "chat_template", None):
+        from bitnet_train.data.chat import CHAT_TEMPLATE
+
+        log.warning("the tokenizer of %s has no chat template, which %s need: using the 2B4T "
+                    "template (bitnet_train.data.chat.CHAT_TEMPLATE)", cfg.checkpoint,
+                    ", ".join(needs_chat))
+        tokenizer.chat_template = CHAT_TEMPLATE
     if cfg.kernels == "triton":
         from bitnet_train.kernels.modules import apply_kernels
 
         apply_kernels(model)
-    return model, tokenizer, cfg.model_id or model_id_of(cfg.checkpoint), path
+    model_id = cfg.model_id or model_id_of(str(path) if Path(cfg.checkpoint).exists()
+                                           else cfg.checkpoint)
+    return model, tokenizer, model_id, path
 
 
 def model_id_of(spec: str) -> str:
@@ -254,7 +265,8 @@ def run_harness(lm, suite: SuiteConfig, task_manager, loaded: dict[str, list[Any
 
 
 def metric_value(results: dict[str, Any], spec: TaskSpec) -> float:
-    """spec.metric of spec.task in the harness's results, in percent (ConfigError if absent)."""
+    """spec.metric of spec.task in the harness's results, x 100 if spec.percent (ConfigError if
+    absent)."""
     found = results.get("results", {}).get(spec.task)
     if found is None:
         raise ConfigError(f"eval task {spec.task!r}: the harness returned no result for it")
@@ -262,7 +274,7 @@ def metric_value(results: dict[str, Any], spec: TaskSpec) -> float:
         have = sorted(k for k in found if "," in k and "stderr" not in k)
         raise ConfigError(f"eval task {spec.task!r}: no metric {spec.metric!r} in the harness's "
                           f"results; it reports {have}. Set the task's `metric`")
-    return 100.0 * float(found[spec.metric])
+    return float(found[spec.metric]) * (100.0 if spec.percent else 1.0)
 
 
 def result_rows(suite: SuiteConfig, harness: dict[str, dict[str, Any]]) -> list[Row]:
@@ -291,7 +303,7 @@ def markdown_table(rows: Sequence[Row], title: str, notes: Sequence[str] = ()) -
     if both:
         rep = sum(r.report for r in both) / len(both)
         ours = sum(r.ours for r in both) / len(both)
-        lines.append(f"| Average of the {len(both)} rows scored here | | | | | {rep:.2f} | "
+        lines.append(f"| Average ({len(both)} rows scored here) | | | | | {rep:.2f} | "
                      f"{ours:.2f} |")
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
@@ -339,15 +351,15 @@ def run_eval(cfg: EvalRunConfig) -> EvalOutput:
             for task, records in (samples or {}).items():
                 _write_jsonl(tmp / "samples" / f"{task}.jsonl", records, handle_non_serializable)
         if commands:
-            notes.append("external benchmarks, scored by their own tools:")
-            notes += [f"`{c}`" for c in commands]
+            notes.append("external benchmarks, scored by their own tools:\n" +
+                         "\n".join(f"  - `{c}`" for c in commands))
         table = markdown_table(rows, f"{model_id} on {suite.name}", notes)
         (tmp / "results.md").write_text(table)
         _write_json(tmp / "results.json", {"checkpoint": cfg.checkpoint, "model_id": model_id,
                                            "suite": suite.name, "limit": suite.limit,
                                            "rows": [asdict(r) for r in rows],
                                            "commands": commands}, str)
-    log.info("results in %s\n%s", out_dir, table)
+    log.info("results written to %s", out_dir)
     return EvalOutput(out_dir, rows, table, harness, commands)
 
 
