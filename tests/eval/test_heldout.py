@@ -160,8 +160,8 @@ def test_two_processes_sum_to_the_single_process_heldout_loss(tmp_path):
     root = Path(__file__).resolve().parents[2]
     out = tmp_path / "metrics.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", "29541", str(root / "tests/eval/heldout_worker.py"), str(out)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(root / "tests/eval/heldout_worker.py"), str(out)],  # standalone: a free port
         cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from tests.eval.heldout_worker import evaluate_once
