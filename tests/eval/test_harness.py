@@ -13,7 +13,7 @@ from bitnet_train.eval.harness import BitNetLM
 from bitnet_train.io import load_model
 from tests.eval.conftest import TASKS
 
-ATOL = 2e-4  # fp32 both sides; summed over a few tokens
+ATOL = 1e-4  # fp32 both sides, summed over a few tokens (measured: 1.5e-6)
 
 
 @pytest.fixture(scope="module")
