@@ -62,15 +62,17 @@ def _scaled(n: int, scale: float) -> int:
     return max(1, round(n * scale))
 
 
-@torch.no_grad()
 def chat_reply(model, tokenizer, question: str, max_new_tokens: int = 40) -> str:
-    """Greedy reply of our model to one user turn, rendered with the 2B4T template."""
+    """Greedy reply of our model to one user turn, rendered with the 2B4T template (batched
+    KV-cache generation, bitnet_train.eval.generation)."""
     from bitnet_train.data.chat import encode_prompt
+    from bitnet_train.eval.generation import GenerationConfig, generate
 
     ids = torch.tensor([encode_prompt(tokenizer, [{"role": "user", "content": question}])])
     eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
-    out = model.eval().generate(ids, max_new_tokens, eos_token_id=eot)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    out = generate(model, ids, config=GenerationConfig(max_new_tokens, eos_token_ids=[eot]),
+                   tokenizer=tokenizer)
+    return out.texts[0].strip()
 
 
 def run_demo(out: Path, steps_scale: float = 1.0) -> dict[str, float]:

@@ -33,8 +33,11 @@ from bitnet_train.export.gguf import import_gguf
 from bitnet_train.export.hf import (
     CONFIG_FILE,
     EMBED,
+    GENERATION_CONFIG_FILE,
     LM_HEAD,
     WEIGHTS_FILE,
+    generation_config_dict,
+    hf_config_dict,
     write_master,
 )
 from bitnet_train.export.importers import is_packed_layout, master_state_from_packed
@@ -233,7 +236,7 @@ def load_model(
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a model directory (config.json + safetensors)")
     verify_directory(path)
-    config_dict = read_config_dict(path)
+    config_dict = _checkpoint_config_dict(path) or read_config_dict(path)
     config = BitNetConfig.from_hf_dict(config_dict, name=path.name)
     info = read_tensor_info(path)
     if is_packed_layout(config_dict, {k: v[1] for k, v in info.items()}):
@@ -246,3 +249,27 @@ def load_model(
     refuse_non_finite(model.named_parameters(), path)
     return model, load_tokenizer_if_present(path)
 
+
+def _checkpoint_config_dict(path: Path) -> dict[str, Any] | None:
+    """The model config of a trainer checkpoint without config.json (written before checkpoints
+    carried one): its metadata.json's `model_config`; None for any other directory."""
+    meta = path / "metadata.json"
+    if (path / CONFIG_FILE).is_file() or not meta.is_file():
+        return None
+    try:
+        config = json.loads(meta.read_text()).get("model_config")
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{meta} is not valid JSON ({err})") from err
+    return config if isinstance(config, dict) else None
+
+
+
+def write_model_config(directory: str | Path, model: BitNetForCausalLM, tokenizer: Any) -> None:
+    """config.json and generation_config.json beside a checkpoint's model.safetensors, so that
+    `load_model`, `bitnet-train eval` and transformers read the checkpoint as a model dir."""
+    directory = Path(directory)
+    dtype = model.model.embed_tokens.weight.dtype
+    (directory / CONFIG_FILE).write_text(json.dumps(
+        hf_config_dict(model.config, "online", dtype), indent=2, sort_keys=True) + "\n")
+    (directory / GENERATION_CONFIG_FILE).write_text(json.dumps(
+        generation_config_dict(model.config, tokenizer), indent=2) + "\n")

@@ -89,6 +89,7 @@ class PreferenceDataset(EpochDataset):
         self.examples = examples    # (n, 2): (source, index in its encoded dataset)
         self.pad_id = pad_id
         self.stats = stats
+        self.heldout: PreferenceDataset | None = None  # built with heldout > 0
 
     def collate(self, rows: list[int]) -> dict[str, Tensor]:
         chosen, rejected = [], []
@@ -120,8 +121,10 @@ class PreferenceDataset(EpochDataset):
 
 
 def build_preference_dataset(cfg: PreferenceDataConfig, tokenizer, rank: int = 0,
-                             world_size: int = 1) -> PreferenceDataset:
-    """Load, encode and mix `cfg.sources` for this rank (see module doc)."""
+                             world_size: int = 1, heldout: int = 0) -> PreferenceDataset:
+    """Load, encode and mix `cfg.sources` for this rank (see module doc); with `heldout`,
+    `dataset.heldout` holds that many pairs per source, never trained on (rank 0 of 1: the
+    evaluator shards them)."""
     if not cfg.sources:
         raise ConfigError("data.sources is empty: list at least one {path, format, weight}")
     encoder = ChatEncoder(tokenizer)
@@ -130,8 +133,13 @@ def build_preference_dataset(cfg: PreferenceDataConfig, tokenizer, rank: int = 0
         return encode_pair(encoder, pair, cfg.max_len, stats)
 
     rng = np.random.default_rng(cfg.seed)
-    parts, examples_arr, stats = encode_mixture(
-        cfg, "preference", encode_one, ["prompt_ids", "chosen_ids", "rejected_ids"], rng)
+    parts, examples_arr, stats, held = encode_mixture(
+        cfg, "preference", encode_one, ["prompt_ids", "chosen_ids", "rejected_ids"], rng,
+        heldout)
     log.info("preference data: %d pairs per epoch", len(examples_arr))
-    return PreferenceDataset(parts, examples_arr, pad_token_id(tokenizer), cfg.seed, rank,
-                             world_size, stats)
+    dataset = PreferenceDataset(parts, examples_arr, pad_token_id(tokenizer), cfg.seed, rank,
+                                world_size, stats)
+    if len(held):
+        dataset.heldout = PreferenceDataset(parts, held, pad_token_id(tokenizer), cfg.seed, 0, 1,
+                                            stats)
+    return dataset

@@ -22,6 +22,9 @@ read twice before its source's epoch ends), new sources start at their beginning
 are closed; the draw, the shuffle buffer and the packer's leftovers carry on. The switch lives
 in the stream, not in the trainer, so DataLoader workers switch at their own exact batch.
 
+Held-out documents (`exclude`, from data.heldout.carve_pretrain_heldout): each source's reader
+drops them by content as it reads, so no epoch ever trains on them.
+
 Resume is exact: `state_dict()` (taken between batches) holds every reader's position, the
 draw's RNG, the shuffle buffer's documents and RNG, the packer's leftover tokens, the stage and
 the counts. A fresh stream given that state yields exactly the batches the original would have
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -109,6 +112,7 @@ class PretrainStream:
         world_size: int = 1,
         batch_size: int = 1,
         stage2_after: int | None = None,
+        exclude: Mapping[str, frozenset[bytes]] | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank={rank} must lie in [0, world_size={world_size})")
@@ -123,6 +127,7 @@ class PretrainStream:
         self.batch_size = batch_size
         self.stage2_after = stage2_after if cfg.stage2 is not None else None
         self._tokenizer = tokenizer
+        self._exclude = dict(exclude or {})
         self._bos_id, self._eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
         self._framing = 1 + (self._bos_id is not None)  # specials added to each document
         self._sampler = SourceSampler(derive_seed(cfg.seed, rank, _DRAW))
@@ -145,7 +150,8 @@ class PretrainStream:
     def _new_reader(self, src: SourceConfig) -> SourceReader:
         return SourceReader(src, self._tokenizer, seed=self.cfg.seed, reader=self.rank,
                             readers=self.world_size, batch_size=self.cfg.tokenize_batch_size,
-                            streaming=self.cfg.streaming)
+                            streaming=self.cfg.streaming,
+                            exclude=self._exclude.get(src.name, frozenset()))
 
     # -- stages ---------------------------------------------------------------------------
     def _enter_stage(self, stage: int) -> None:
@@ -229,9 +235,13 @@ class PretrainStream:
 
     # -- resume --------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
-        return {"rank": self.rank, "world_size": self.world_size, "seq_len": self.cfg.seq_len,
-                "shuffle_buffer": self.cfg.shuffle_buffer,
-                "document_masking": self.cfg.document_masking}
+        identity = {"rank": self.rank, "world_size": self.world_size,
+                    "seq_len": self.cfg.seq_len, "shuffle_buffer": self.cfg.shuffle_buffer,
+                    "document_masking": self.cfg.document_masking}
+        held = {name: len(keys) for name, keys in self._exclude.items() if keys}
+        if held:  # held-out documents per source (absent: none, as before evaluation existed)
+            identity["heldout_documents"] = held
+        return identity
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly after the last batch yielded."""
@@ -315,9 +325,11 @@ class _WorkerStreams(torch.utils.data.IterableDataset):
 
     def __init__(self, cfg: PretrainDataConfig, tokenizer: PreTrainedTokenizerBase,
                  stage: int, rank: int, world_size: int, batch_size: int,
-                 stage2_after: int | None) -> None:
+                 stage2_after: int | None,
+                 exclude: Mapping[str, frozenset[bytes]] | None = None) -> None:
         self.args = (cfg, tokenizer)
-        self.kwargs = dict(stage=stage, rank=rank, world_size=world_size, batch_size=batch_size)
+        self.kwargs = dict(stage=stage, rank=rank, world_size=world_size, batch_size=batch_size,
+                           exclude=exclude)
         self.stage2_after = stage2_after
 
     def __iter__(self) -> PretrainStream:
@@ -345,7 +357,8 @@ class LoaderStream:
 
     def __init__(self, cfg: PretrainDataConfig, tokenizer: PreTrainedTokenizerBase, *,
                  stage: int, rank: int, world_size: int, batch_size: int,
-                 stage2_after: int | None = None) -> None:
+                 stage2_after: int | None = None,
+                 exclude: Mapping[str, frozenset[bytes]] | None = None) -> None:
         try:
             from torchdata.stateful_dataloader import StatefulDataLoader
         except ImportError as err:
@@ -356,7 +369,7 @@ class LoaderStream:
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank={rank} must lie in [0, world_size={world_size})")
         dataset = _WorkerStreams(cfg, tokenizer, stage, rank, world_size, batch_size,
-                                 stage2_after)
+                                 stage2_after, exclude)
         # batch_size=None: every item already is a batch (a dict of tensors).
         self._loader = StatefulDataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
                                           snapshot_every_n_steps=SNAPSHOT_EVERY)
@@ -405,6 +418,7 @@ def build_pretrain_stream(
     world_size: int = 1,
     batch_size: int = 1,
     stage2_after: int | None = None,
+    exclude: Mapping[str, frozenset[bytes]] | None = None,
 ) -> PretrainStream | LoaderStream:
     """The infinite batch stream for data-parallel `rank` of `world_size`, starting in `stage`
     and switching to stage 2 after `stage2_after` batches (None: never).
@@ -412,10 +426,10 @@ def build_pretrain_stream(
     Each batch: input_ids, labels, attention_mask, position_ids, document_ids, int64 of shape
     (batch_size, cfg.seq_len). num_workers = 0: a PretrainStream in this process; > 0: a
     LoaderStream (needs torchdata). Both are iterators with state_dict / load_state_dict and
-    stats().
+    stats(). `exclude`: held-out documents per source name, never yielded (data.heldout).
     """
     kw = dict(stage=stage, rank=rank, world_size=world_size, batch_size=batch_size,
-              stage2_after=stage2_after)
+              stage2_after=stage2_after, exclude=exclude)
     if cfg.num_workers > 0:
         return LoaderStream(cfg, tokenizer, **kw)
     return PretrainStream(cfg, tokenizer, **kw)

@@ -16,6 +16,11 @@ attention_mask, position_ids (restarting at 0 for each packed conversation) and 
 Encoding runs through `Dataset.map` (optionally `num_proc` processes) and is cached by datasets
 next to the source; on several processes build under `accelerator.main_process_first()` so that
 one process encodes and the others read its cache.
+
+Held-out conversations (`heldout=N`, for trainer.eval_every): N encoded examples of every
+source, drawn by a generator of their own (seed, source), are set aside before the mixture
+draws the training examples from the rest; `dataset.heldout` serves them, packed per source
+(a row never mixes sources, so each source's loss can be reported). N = 0 changes nothing.
 """
 
 from __future__ import annotations
@@ -318,6 +323,8 @@ class SFTDataset(EpochDataset):
         self.rows = rows            # example indices per row
         self.pad_id = pad_id
         self.stats = stats
+        self.heldout: SFTDataset | None = None  # built with heldout > 0
+        self.row_sources: list[str] | None = None  # a held-out set's source of each row
 
     def collate(self, rows: list[int]) -> dict[str, Tensor]:
         out = []
@@ -349,29 +356,45 @@ class SFTDataset(EpochDataset):
 
 
 def encode_mixture(cfg: SFTDataConfig | Any, kind: str, encode_one: Callable, columns: list[str],
-                   rng: np.random.Generator) -> tuple[list, np.ndarray, dict[str, EncodeStats]]:
+                   rng: np.random.Generator, heldout: int = 0,
+                   ) -> tuple[list, np.ndarray, dict[str, EncodeStats], np.ndarray]:
     """Encode every source of `cfg.sources` and draw its examples by weight.
 
     Returns the encoded datasets (one per source), the examples of one epoch as (n, 2) rows of
-    [source index, row in that source] grouped by source, and the encoding counts per source.
-    Shared by the SFT and preference builders (`kind`: "sft" | "preference").
+    [source index, row in that source] grouped by source, the encoding counts per source, and
+    the held-out examples ((heldout x sources, 2), same layout; see module doc), which the
+    epoch never contains. Shared by the SFT and preference builders (`kind`: "sft" |
+    "preference").
     """
-    parts, examples, stats = [], [], {}
+    parts, examples, stats, held = [], [], {}, []
     for s, source in enumerate(cfg.sources):
         if source.name in stats:
             raise ConfigError(f"two data sources are named {source.name!r}; give them names")
         enc, stats[source.name] = encode_source(
             source, kind, encode_one, columns, cfg.on_bad_record, cfg.num_proc, cfg.cache_dir,
             fingerprint_extra=cfg.max_len)
-        idx = mixture_indices(len(enc), source.weight, rng)
+        pool = np.arange(len(enc), dtype=np.int64)
+        if heldout:
+            if heldout >= len(enc):
+                raise DataError(
+                    f"data source {source.name!r} has {len(enc)} usable examples; holding out "
+                    f"{heldout} (trainer.eval_size) would leave nothing to train on. Lower "
+                    "trainer.eval_size or add data"
+                )
+            chosen = np.random.default_rng([cfg.seed, s, 7]).permutation(len(enc))[:heldout]
+            held.append(np.stack([np.full(heldout, s), np.sort(chosen)], axis=1))
+            pool = np.setdiff1d(pool, chosen)
+        idx = pool[mixture_indices(len(pool), source.weight, rng)]
         parts.append(enc)
         examples.append(np.stack([np.full_like(idx, s), idx], axis=1))
-    return parts, np.concatenate(examples), stats
+    held_arr = np.concatenate(held) if held else np.zeros((0, 2), dtype=np.int64)
+    return parts, np.concatenate(examples), stats, held_arr
 
 
 def build_sft_dataset(cfg: SFTDataConfig, tokenizer, rank: int = 0,
-                      world_size: int = 1) -> SFTDataset:
-    """Load, encode, mix and pack `cfg.sources` for this rank (see module doc)."""
+                      world_size: int = 1, heldout: int = 0) -> SFTDataset:
+    """Load, encode, mix and pack `cfg.sources` for this rank (see module doc); with
+    `heldout`, `dataset.heldout` holds that many conversations per source, never trained on."""
     if not cfg.sources:
         raise ConfigError("data.sources is empty: list at least one {path, format, weight}")
     encoder = ChatEncoder(tokenizer)
@@ -381,8 +404,8 @@ def build_sft_dataset(cfg: SFTDataConfig, tokenizer, rank: int = 0,
         return None if encoded is None else {"input_ids": encoded[0], "labels": encoded[1]}
 
     rng = np.random.default_rng(cfg.seed)
-    parts, examples_arr, stats = encode_mixture(cfg, "sft", encode_one, ["input_ids", "labels"],
-                                                rng)
+    parts, examples_arr, stats, held = encode_mixture(cfg, "sft", encode_one,
+                                                      ["input_ids", "labels"], rng, heldout)
     part_lengths = [np.asarray(part["length"]) for part in parts]
     lengths = [part_lengths[s][examples_arr[examples_arr[:, 0] == s, 1]]
                for s in range(len(parts))]
@@ -394,5 +417,25 @@ def build_sft_dataset(cfg: SFTDataConfig, tokenizer, rank: int = 0,
     log.info("SFT data: %d examples in %d rows of <= %d tokens (%.1f%% filled)",
              len(examples_arr), len(rows), cfg.max_len,
              100.0 * lens.sum() / (len(rows) * cfg.max_len))
-    return SFTDataset(parts, examples_arr, rows, pad_token_id(tokenizer), cfg.seed, rank,
-                      world_size, stats)
+    dataset = SFTDataset(parts, examples_arr, rows, pad_token_id(tokenizer), cfg.seed, rank,
+                         world_size, stats)
+    if len(held):
+        dataset.heldout = _heldout_sft(parts, held, cfg, pad_token_id(tokenizer), stats)
+    return dataset
+
+
+def _heldout_sft(parts: list, held: np.ndarray, cfg: SFTDataConfig, pad_id: int,
+                 stats: dict[str, EncodeStats]) -> SFTDataset:
+    """The held-out conversations packed like training, but per source (rank 0 of 1: the
+    evaluator shards the rows itself). `row_sources[r]` names row r's source."""
+    rows, row_sources = [], []
+    for s, name in enumerate(stats):
+        members = np.flatnonzero(held[:, 0] == s)
+        lengths = np.asarray(parts[s]["length"])[held[members, 1]]
+        packed = (pack_first_fit(lengths, cfg.max_len) if cfg.pack
+                  else [[i] for i in range(len(members))])
+        rows += [[int(members[i]) for i in row] for row in packed]
+        row_sources += [name] * len(packed)
+    out = SFTDataset(parts, held, rows, pad_id, cfg.seed, 0, 1, stats)
+    out.row_sources = row_sources
+    return out

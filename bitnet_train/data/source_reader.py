@@ -34,6 +34,7 @@ from datasets.distributed import split_dataset_by_node
 from transformers import PreTrainedTokenizerBase
 
 from bitnet_train.data.config import SourceConfig, source_identity
+from bitnet_train.data.heldout import document_key
 from bitnet_train.data.sources import READ_ERRORS, open_source, read_error
 from bitnet_train.errors import CheckpointError, DataError
 
@@ -55,8 +56,9 @@ class SourceReader:
 
     def __init__(self, src: SourceConfig, tokenizer: PreTrainedTokenizerBase, *, seed: int,
                  reader: int = 0, readers: int = 1, batch_size: int = 256,
-                 streaming: bool = True) -> None:
+                 streaming: bool = True, exclude: frozenset[bytes] = frozenset()) -> None:
         self.src, self.name = src, src.name
+        self._exclude = exclude  # digests of held-out documents (data.heldout), never read
         self._raw = open_source(src, streaming=streaming)
         self.num_shards = self._raw.num_shards
         self._tokenizer = tokenizer
@@ -137,8 +139,10 @@ class SourceReader:
                     f"{text!r} ({type(text).__name__}), not a string; clean the source or "
                     "filter such records out"
                 )
+        if self._exclude:
+            texts = [t for t in texts if document_key(t) not in self._exclude]
         ids = self._tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
-                              verbose=False)["input_ids"]
+                              verbose=False)["input_ids"] if texts else []
         self._chunk = [np.asarray(x, dtype=np.int32) for x in ids]
         # After a resume, skip the documents already used; the skip may span chunks when
         # tokenize_batch_size changed in between.

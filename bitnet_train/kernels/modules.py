@@ -29,6 +29,7 @@ from bitnet_train.kernels.reference import ternary_codes_ref
 from bitnet_train.kernels.ternary_linear import norm_ternary_linear
 from bitnet_train.kernels.weight_quant import ternary_codes_into
 from bitnet_train.model.attention import AttentionBackend
+from bitnet_train.model.kv_cache import LayerKVCache
 from bitnet_train.model.modeling import BitNetDecoderLayer, BitNetForCausalLM
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,11 @@ class FusedBitNetDecoderLayer(BitNetDecoderLayer):
                                    getattr(self, f"{group}_scale"), norm.eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Any,
-                backend: AttentionBackend) -> Tensor:
+                backend: AttentionBackend, cache: LayerKVCache | None = None) -> Tensor:
         attn, mlp = self.self_attn, self.mlp
         q_dim, kv_dim = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
         q, k, v = self._project("qkv", x).split([q_dim, kv_dim, kv_dim], dim=-1)
-        x = x + self._project("o", attn.attend(q, k, v, cos, sin, mask, backend))
+        x = x + self._project("o", attn.attend(q, k, v, cos, sin, mask, backend, cache))
         gate, up = self._project("gate_up", x).chunk(2, dim=-1)
         return x + self._project("down", mlp.act(gate) * up)
 

@@ -2,12 +2,14 @@
 
 from bitnet_train.model.bitlinear import (
     BitLinear,
+    frozen_ternary_weights,
     int8_activation,
     quantize_activation_ste,
     quantize_weight_ste,
     ternary_weight,
 )
 from bitnet_train.model.config import BitNetConfig
+from bitnet_train.model.kv_cache import KVCache
 from bitnet_train.model.modeling import BitNetForCausalLM, CausalLMOutput
 from bitnet_train.model.size import ModelSize, model_size
 
@@ -25,8 +27,10 @@ __all__ = [
     "BitNetConfig",
     "BitNetForCausalLM",
     "CausalLMOutput",
+    "KVCache",
     "ModelSize",
     "build_model",
+    "frozen_ternary_weights",
     "int8_activation",
     "model_size",
     "quantize_activation_ste",

@@ -13,6 +13,11 @@ Two implementations of one contract, chosen at run time (the model holds one; th
 Mask semantics (both): query t sees key s iff s <= t, s is in t's document, and s is a real
 token (attention_mask = 1); every query also sees itself, so a row with no visible key (left
 padding) stays finite. Such rows carry no loss.
+
+Decoding with a KV cache (`build_cached_mask`): the new queries sit at positions
+[past, past + n) and see the cached keys too; the mask is rectangular (B, 1, n, past + n) and
+dense in both backends (flex falls back to SDPA: a handful of query rows gains nothing from
+block sparsity, and a block mask per decoding step would cost more than the attention).
 """
 
 from __future__ import annotations
@@ -35,8 +40,12 @@ class AttentionBackend(Protocol):
                    attention_mask: Tensor | None, document_ids: Tensor | None) -> Any:
         """A mask object for `__call__` (None: plain causal)."""
 
+    def build_cached_mask(self, batch: int, seq: int, past: int, device: torch.device,
+                          attention_mask: Tensor | None) -> Any:
+        """The mask of `seq` new queries after `past` cached positions (see module doc)."""
+
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Any) -> Tensor:
-        """q (B, H, L, D), k/v (B, KV, L, D) -> (B, H, L, D)."""
+        """q (B, H, L, D), k/v (B, KV, S, D) -> (B, H, L, D); S = L without a cache."""
 
 
 def build_attention_mask(
@@ -63,6 +72,37 @@ def build_attention_mask(
     return mask.expand(batch, seq, seq)[:, None]
 
 
+def build_cached_attention_mask(batch: int, seq: int, past: int, device: torch.device,
+                                attention_mask: Tensor | None = None) -> Tensor:
+    """Boolean SDPA mask (B, 1, seq, past + seq) for `seq` queries at positions
+    [past, past + seq) over every key so far, True = may attend.
+
+    attention_mask (B, past + seq): 1 for real tokens, 0 for (left) padding, as transformers'
+    `generate` passes it. Same rules as `build_attention_mask`: causal, real keys only, and
+    every query sees itself.
+    """
+    total = past + seq
+    q_pos = torch.arange(past, total, device=device)[:, None]  # (seq, 1)
+    k_pos = torch.arange(total, device=device)[None, :]  # (1, total)
+    mask = (k_pos <= q_pos)[None]  # (1, seq, total)
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != total:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions; with "
+                             f"{past} cached and {seq} new it must cover {total}")
+        mask = mask & attention_mask.bool()[:, None, :]
+    mask = mask | (k_pos == q_pos)[None]
+    return mask.expand(batch, seq, total)[:, None]
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """`scaled_dot_product_attention` with KV heads repeated for GQA; mask None: causal."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:  # enable_gqa is not supported by every SDPA backend
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+
+
 class SDPAAttention:
     """The reference: dense mask, `scaled_dot_product_attention`, repeated KV heads."""
 
@@ -71,12 +111,11 @@ class SDPAAttention:
     def build_mask(self, batch, seq, device, attention_mask, document_ids):
         return build_attention_mask(batch, seq, device, attention_mask, document_ids)
 
+    def build_cached_mask(self, batch, seq, past, device, attention_mask):
+        return build_cached_attention_mask(batch, seq, past, device, attention_mask)
+
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:  # enable_gqa is not supported by every SDPA backend
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return sdpa_attention(q, k, v, mask)
 
 
 def document_causal_mask_mod(document_ids: Tensor | None, attention_mask: Tensor | None):
@@ -112,8 +151,15 @@ class FlexAttention:
         return create_block_mask(mask_mod, batch_dim, None, seq, seq, device=device,
                                  _compile=device.type == "cuda")
 
+    def build_cached_mask(self, batch, seq, past, device, attention_mask):
+        # decoding: a dense mask, which __call__ hands to SDPA (see the module doc)
+        return build_cached_attention_mask(batch, seq, past, device, attention_mask)
+
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Any) -> Tensor:
         from torch.nn.attention.flex_attention import flex_attention
+
+        if isinstance(mask, Tensor):  # a dense mask from build_cached_mask
+            return sdpa_attention(q, k, v, mask)
 
         fn = flex_attention
         if q.device.type == "cuda" and not torch.compiler.is_compiling():

@@ -15,6 +15,9 @@ definition of the ternary weights in the whole project.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -101,7 +104,12 @@ class BitLinear(nn.Module):
     The latent ``weight`` (out, in) stays in full precision and receives straight-through
     gradients. This is the eager definition every fast path (bitnet_train.kernels) is tested
     against; the model never changes its own forward for speed.
+
+    `frozen_weight` is set only inside `frozen_ternary_weights` (inference): the dequantized
+    ternary weight computed once on entry, used instead of re-quantizing at every call.
     """
+
+    frozen_weight: Tensor | None = None
 
     def __init__(
         self,
@@ -121,8 +129,36 @@ class BitLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., in) -> (..., out)."""
         x_q = quantize_activation_ste(x)
-        w_q = quantize_weight_ste(self.weight)
+        w_q = self.frozen_weight
+        if w_q is None:
+            w_q = quantize_weight_ste(self.weight)
+        elif torch.is_grad_enabled() and self.weight.requires_grad:
+            raise RuntimeError("BitLinear: frozen ternary weights (frozen_ternary_weights) carry "
+                               "no gradient; use them under torch.no_grad / inference_mode")
         return F.linear(x_q, w_q.to(x_q.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias=False"
+
+
+@contextmanager
+def frozen_ternary_weights(model: nn.Module) -> Iterator[int]:
+    """Quantize every BitLinear's weight once, for inference; restore on exit.
+
+    Inside the block each BitLinear multiplies by `fake_quant_weight_ref(weight)` (bit-identical
+    to what `quantize_weight_ste` computes per call) cached on entry, so decoding a token costs
+    no weight quantization (one pass over every weight per token otherwise). Yields the number
+    of BitLinear modules frozen. Entering again while frozen re-quantizes (weights may have
+    changed) and the outer exit restores the unfrozen forward. Gradients cannot flow through a
+    frozen weight: the forward refuses to run with grad enabled.
+    """
+    layers = [m for m in model.modules() if isinstance(m, BitLinear)]
+    previous = [m.frozen_weight for m in layers]
+    with torch.no_grad():
+        for m in layers:
+            m.frozen_weight = fake_quant_weight_ref(m.weight)
+    try:
+        yield len(layers)
+    finally:
+        for m, old in zip(layers, previous):
+            m.frozen_weight = old

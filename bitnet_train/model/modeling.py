@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from bitnet_train.model.attention import AttentionBackend, SDPAAttention
 from bitnet_train.model.bitlinear import BitLinear
 from bitnet_train.model.config import BitNetConfig
+from bitnet_train.model.kv_cache import KVCache, LayerKVCache
 
 
 def make_projection(config: BitNetConfig, in_features: int, out_features: int) -> nn.Module:
@@ -90,9 +91,13 @@ class BitNetAttention(nn.Module):
         self.attn_sub_norm = RMSNorm(h, config.rms_norm_eps)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, mask: Any,
-               backend: AttentionBackend) -> Tensor:
+               backend: AttentionBackend, cache: LayerKVCache | None = None) -> Tensor:
         """Projected q (B, L, heads*D), k/v (B, L, kv_heads*D) -> attention output (B, L, heads*D),
-        before attn_sub_norm and o_proj: RoPE, then the backend's masked softmax attention."""
+        before attn_sub_norm and o_proj: RoPE, then the backend's masked softmax attention.
+
+        With a `cache`, the L new keys/values (after RoPE) are appended to it and the queries
+        attend over every cached position too (`mask` from the backend's build_cached_mask).
+        """
         b, seq, _ = q.shape
         q = q.view(b, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -101,12 +106,15 @@ class BitNetAttention(nn.Module):
         # dtype, which is what SDPA's autocast would cast to (and what flex needs: one dtype)
         q = apply_rope(q, cos, sin).to(v.dtype)  # (B, heads, L, head_dim)
         k = apply_rope(k, cos, sin).to(v.dtype)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, kv_heads, past + L, head_dim)
         out = backend(q, k, v, mask)  # (B, heads, L, head_dim)
         return out.transpose(1, 2).reshape(b, seq, self.num_heads * self.head_dim)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Any,
-                backend: AttentionBackend) -> Tensor:
-        out = self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, mask, backend)
+                backend: AttentionBackend, cache: LayerKVCache | None = None) -> Tensor:
+        out = self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, mask, backend,
+                          cache)
         return self.o_proj(self.attn_sub_norm(out))
 
 
@@ -135,8 +143,8 @@ class BitNetDecoderLayer(nn.Module):
         self.mlp = BitNetMLP(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Any,
-                backend: AttentionBackend) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, backend)
+                backend: AttentionBackend, cache: LayerKVCache | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, backend, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -164,15 +172,31 @@ class BitNetModel(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         document_ids: Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> Tensor:
+        """With a `cache` (decoding), input_ids (B, L) are the positions after the cached ones,
+        attention_mask (B, past + L) covers cached and new positions (transformers'
+        convention), and position_ids default to past .. past + L - 1."""
         b, seq = input_ids.shape
+        past = 0 if cache is None else cache.length
         if position_ids is None:
-            position_ids = torch.arange(seq, device=input_ids.device).expand(b, seq)
+            position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(b, seq)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(position_ids, x.dtype)
-        mask = self.attention.build_mask(b, seq, input_ids.device, attention_mask, document_ids)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, self.attention)
+        if cache is None:
+            mask = self.attention.build_mask(b, seq, input_ids.device, attention_mask,
+                                             document_ids)
+        else:
+            if document_ids is not None:
+                raise ValueError("document_ids (packed documents) cannot be decoded with a KV "
+                                 "cache; decode one document per row")
+            mask = self.attention.build_cached_mask(b, seq, past, input_ids.device,
+                                                    attention_mask)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, self.attention,
+                      None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.advance(seq)
         return self.norm(x)
 
 
@@ -230,13 +254,15 @@ class BitNetForCausalLM(nn.Module):
         document_ids: Tensor | None = None,
         labels: Tensor | None = None,
         head_fn: HeadFn | None = None,
+        cache: KVCache | None = None,
     ) -> Any:
         """input_ids (B, L) -> CausalLMOutput, or head_fn(hidden, lm_head.weight) if given.
 
         labels (B, L) are not shifted (as in transformers): position t predicts labels[t + 1];
-        -100 is ignored. With labels the loss is the mean token cross-entropy.
+        -100 is ignored. With labels the loss is the mean token cross-entropy. `cache`: decode
+        incrementally (see BitNetModel.forward and bitnet_train.eval.generation).
         """
-        hidden = self.model(input_ids, attention_mask, position_ids, document_ids)
+        hidden = self.model(input_ids, attention_mask, position_ids, document_ids, cache)
         if head_fn is not None:
             return head_fn(hidden, self.lm_head.weight)
         logits = self.lm_head(hidden)
@@ -251,9 +277,11 @@ class BitNetForCausalLM(nn.Module):
     def generate(
         self, input_ids: Tensor, max_new_tokens: int, eos_token_id: int | None = None
     ) -> Tensor:
-        """Greedy decoding without a KV cache (re-runs the prefix; fine for tests and demos).
+        """Greedy decoding without a KV cache: re-runs the whole prefix for every token.
 
-        input_ids (1, L) -> (1, L + n), stopping early at eos_token_id.
+        The reference that the fast path (`bitnet_train.eval.generation.generate`: batched, KV
+        cache, sampling, stop strings) is tested against. input_ids (1, L) -> (1, L + n),
+        stopping early at eos_token_id.
         """
         ids = input_ids
         for _ in range(max_new_tokens):

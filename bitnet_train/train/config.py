@@ -134,7 +134,15 @@ class TrainerConfig:
     a checkpoint directory."""
     log_every: int = 10
     eval_every: int = 0
-    """Held-out evaluation every N steps (0: only at start and end, where supported)."""
+    """Held-out evaluation every N optimizer steps, and at the start and the end of the run
+    (0: none, and no data is held out). The held-out set is carved from the stage's own data
+    before training and never trained on: pretraining, the first `eval_size` packed rows of
+    every source (loss per source and overall); SFT, `eval_size` conversations per source
+    (assistant-token loss); DPO, `eval_size` pairs per source (reward accuracy and margin)."""
+    eval_size: int = 32
+    """Held-out rows (pretraining), conversations (SFT) or pairs (DPO) per source."""
+    eval_batch_size: int = 0
+    """Sequences (pairs, for DPO) per held-out forward; 0: micro_batch_size."""
     compile: bool = False
     """torch.compile each decoder block (CUDA)."""
     kernels: str = "auto"
@@ -185,6 +193,12 @@ class TrainerConfig:
             raise ConfigError(f"trainer.kernels={self.kernels!r}: auto|triton|reference")
         if self.attention not in ("auto", "flex", "sdpa"):
             raise ConfigError(f"trainer.attention={self.attention!r}: auto|flex|sdpa")
+        if self.eval_every < 0 or self.eval_batch_size < 0:
+            raise ConfigError("trainer.eval_every and trainer.eval_batch_size must be >= 0 "
+                              "(0: no held-out evaluation / micro_batch_size)")
+        if self.eval_every > 0 and self.eval_size < 1:
+            raise ConfigError(f"trainer.eval_size={self.eval_size}: held-out evaluation "
+                              "(trainer.eval_every > 0) needs at least 1 item per source")
 
 
 @dataclass

@@ -33,13 +33,16 @@ class PretrainPlan(BatchPlan):
     batches of the steps before the schedule's boundary, continuing every source it keeps."""
 
     def __init__(self, data_cfg, tokenizer, rank: int, world_size: int, micro_batch_size: int,
-                 total_steps: int, schedule: ScheduleConfig, grad_accum: int = 1) -> None:
+                 total_steps: int, schedule: ScheduleConfig, grad_accum: int = 1,
+                 exclude=None) -> None:
         self.cfg, self.total_steps, self.schedule = data_cfg, total_steps, schedule
+        self.heldout = None  # data.heldout.PretrainHeldOut when trainer.eval_every > 0
         boundary = stage_boundary_step(total_steps, schedule)
         two_stages = data_cfg.stage2 is not None and boundary < total_steps
         self.stream = build_pretrain_stream(
             data_cfg, tokenizer, rank=rank, world_size=world_size, batch_size=micro_batch_size,
-            stage2_after=boundary * grad_accum if two_stages else None)
+            stage2_after=boundary * grad_accum if two_stages else None,
+            exclude=exclude)  # held-out documents per source, never trained on
         self._names = sorted({s.name for s in data_cfg.stage1.sources}
                              | {s.name for s in (data_cfg.stage2 or data_cfg.stage1).sources})
 
@@ -94,6 +97,8 @@ class EpochPlan(BatchPlan):
         self.grad_accum = grad_accum
         self.ref_logps: Tensor | None = None  # (num_rows, 2) when precomputed (DPO)
         self.counts: dict[str, int] = {}
+        self.heldout = getattr(dataset, "heldout", None)  # trainer.eval_every's data
+        self.heldout_ref_logps: Tensor | None = None  # (held-out pairs, 2), DPO precomputed
 
     def rows_of(self, epoch: int, index: int) -> np.ndarray:
         return self.dataset.rank_rows(epoch)[index * self.micro:(index + 1) * self.micro]
@@ -126,21 +131,32 @@ class EpochPlan(BatchPlan):
 
 
 @torch.no_grad()
-def precompute_reference_logps(plan: EpochPlan, reference, device, loss_impl: str) -> None:
-    """One pass of the frozen reference over every pair this rank will see; then the reference
-    can be freed. Stores (num_rows, 2) summed log-probs (chosen, rejected) on the plan."""
+def reference_logps_table(dataset, rows: np.ndarray, reference, device, micro: int,
+                          loss_impl: str) -> Tensor:
+    """(dataset.num_rows, 2) summed log-probs (chosen, rejected) of the frozen reference over
+    the pairs `rows` (NaN elsewhere)."""
     from bitnet_train.train.objectives.dpo import reference_logps
 
-    table = torch.full((plan.dataset.num_rows, 2), float("nan"))
-    rows = plan.all_rows()
-    for start in range(0, len(rows), plan.micro):
-        chunk = rows[start:start + plan.micro]
-        batch = {k: v.to(device) for k, v in plan.dataset.collate(chunk.tolist()).items()}
+    table = torch.full((dataset.num_rows, 2), float("nan"))
+    for start in range(0, len(rows), micro):
+        chunk = rows[start:start + micro]
+        batch = {k: v.to(device) for k, v in dataset.collate(chunk.tolist()).items()}
         lp = reference_logps(reference, batch, loss_impl).float().cpu()
         n = len(chunk)
         table[torch.as_tensor(chunk), 0] = lp[:n]
         table[torch.as_tensor(chunk), 1] = lp[n:]
-    plan.ref_logps = table
+    return table
+
+
+def precompute_reference_logps(plan: EpochPlan, reference, device, loss_impl: str) -> None:
+    """One pass of the frozen reference over every pair this rank will see (and the held-out
+    pairs); then the reference can be freed. Stores the tables on the plan."""
+    plan.ref_logps = reference_logps_table(plan.dataset, plan.all_rows(), reference, device,
+                                           plan.micro, loss_impl)
+    if plan.heldout is not None:
+        plan.heldout_ref_logps = reference_logps_table(
+            plan.heldout, np.arange(plan.heldout.num_rows), reference, device, plan.micro,
+            loss_impl)
 
 
 def build_batch_plan(cfg: TrainConfig, tokenizer, accelerator, objective) -> BatchPlan:
@@ -148,13 +164,25 @@ def build_batch_plan(cfg: TrainConfig, tokenizer, accelerator, objective) -> Bat
     `cfg` holds its derived values already (`with_derived_values`); nothing here changes it."""
     rank, world = accelerator.process_index, accelerator.num_processes
     name = cfg.objective.name
+    # trainer.eval_every: a held-out set carved from the data before training (data.heldout)
+    heldout = cfg.trainer.eval_size if cfg.trainer.eval_every > 0 else 0
     if name == "pretrain":
         if cfg.trainer.max_steps <= 0:
             raise ConfigError("pretraining is step-based: set trainer.max_steps > 0")
+        carved = None
+        if heldout:
+            from bitnet_train.data.heldout import carve_pretrain_heldout
+
+            carved = carve_pretrain_heldout(cfg.data, tokenizer, heldout)
+            if accelerator.is_main_process:
+                log.info("held out %d rows of %d tokens per source (%s documents)", heldout,
+                         cfg.data.seq_len, carved.documents())
         # grad_accum was derived from trainer.global_batch_tokens before config.yaml was written
         plan = PretrainPlan(cfg.data, tokenizer, rank, world, cfg.trainer.micro_batch_size,
                             cfg.trainer.max_steps, cfg.schedule,
-                            grad_accum=cfg.trainer.grad_accum)
+                            grad_accum=cfg.trainer.grad_accum,
+                            exclude=carved.exclude if carved else None)
+        plan.heldout = carved
         plan.total_steps = cfg.trainer.max_steps
         return plan
     # the main process encodes first and fills datasets' cache; the others then read it
@@ -162,11 +190,13 @@ def build_batch_plan(cfg: TrainConfig, tokenizer, accelerator, objective) -> Bat
         if name == "sft":
             from bitnet_train.data.sft import build_sft_dataset
 
-            dataset = build_sft_dataset(cfg.data, tokenizer, rank=rank, world_size=world)
+            dataset = build_sft_dataset(cfg.data, tokenizer, rank=rank, world_size=world,
+                                        heldout=heldout)
         else:
             from bitnet_train.data.preference import build_preference_dataset
 
-            dataset = build_preference_dataset(cfg.data, tokenizer, rank=rank, world_size=world)
+            dataset = build_preference_dataset(cfg.data, tokenizer, rank=rank, world_size=world,
+                                               heldout=heldout)
     counts = dataset.log_dict()  # seen, kept, truncated, dropped ... per source, and totals
     if counts and accelerator.is_main_process:
         # truncated / dropped conversations and pairs are counted, never silent

@@ -1,7 +1,7 @@
 """Build a run from its config, in a fixed order, and train it.
 
-model -> (reference, for DPO) -> optimizer -> accelerate prepare -> data -> checkpointer ->
-trainer (resume) -> fit -> DIR/final
+model -> (reference, for DPO) -> optimizer -> accelerate prepare -> data (and its held-out set)
+-> held-out evaluator -> checkpointer -> trainer (resume) -> fit -> DIR/final
 """
 
 from __future__ import annotations
@@ -205,6 +205,7 @@ def run(cfg: TrainConfig) -> RunResult:
 def _build_and_resume(cfg: TrainConfig, output_dir: Path):
     """Everything before the first step, up to an accepted resume (see `run`)."""
     from bitnet_train.data.tokenizer import load_tokenizer, save_tokenizer
+    from bitnet_train.io import write_model_config
 
     accelerator = build_accelerator(cfg, output_dir)
     cfg = with_derived_values(cfg, accelerator.num_processes)
@@ -251,6 +252,7 @@ def _build_and_resume(cfg: TrainConfig, output_dir: Path):
     def save_extra(tmp: Path) -> None:
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp / "tokenizer")
+        write_model_config(tmp, unwrapped, tokenizer)  # the checkpoint loads as a model dir
 
     trainer = Trainer(
         accelerator=accelerator, model=model, objective=objective, optimizer=optimizer,
@@ -264,6 +266,8 @@ def _build_and_resume(cfg: TrainConfig, output_dir: Path):
         progress_bar=cfg.trainer.progress_bar, grad_clip_per=cfg.optim.grad_clip_per,
         divergence=DivergenceGuard(cfg.trainer.on_divergence, cfg.trainer.divergence_sigma,
                                    cfg.trainer.divergence_window, cfg.trainer.divergence_max_skips),
+        evaluator=build_evaluator(cfg, plan, objective, accelerator),
+        eval_every=cfg.trainer.eval_every,
     )
     _maybe_resume(trainer, cfg, checkpointer, unwrapped)
     return cfg, accelerator, trainer, plan, tokenizer, unwrapped, applied
@@ -297,6 +301,20 @@ def _train(output_dir: Path, cfg: TrainConfig, accelerator: Accelerator, trainer
     accelerator.end_training()
     return RunResult(output_dir=output_dir, final_dir=final_dir, history=trainer.history,
                      trainer=trainer)
+
+
+def build_evaluator(cfg: TrainConfig, plan, objective, accelerator):
+    """The held-out evaluator of the plan's held-out set (None when trainer.eval_every = 0)."""
+    if cfg.trainer.eval_every <= 0 or getattr(plan, "heldout", None) is None:
+        return None
+    from bitnet_train.eval.heldout import build_heldout_evaluator
+
+    return build_heldout_evaluator(
+        cfg.objective.name, plan.heldout, accelerator,
+        cfg.trainer.eval_batch_size or cfg.trainer.micro_batch_size,
+        loss_impl=cfg.objective.loss_impl, beta=cfg.objective.beta,
+        reference=getattr(objective, "reference", None),
+        ref_logps=getattr(plan, "heldout_ref_logps", None))
 
 
 def _maybe_resume(trainer: Trainer, cfg: TrainConfig, checkpointer: Checkpointer,

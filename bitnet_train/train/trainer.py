@@ -1,6 +1,7 @@
 """One accelerate training loop for every stage; the stage differs only by data and objective.
 
-    fit() -> for each optimizer step: apply_schedule -> train_step -> log -> maybe checkpoint
+    fit() -> for each optimizer step: apply_schedule -> train_step -> log -> maybe evaluate
+             -> maybe checkpoint (held-out evaluation also at the start and the end)
     train_step() -> fetch the step's micro-batches -> all-reduce their item count ->
                     forward_backward each (no DDP sync but on the last) -> clip ->
                     divergence check (stop, or skip the update) -> optimizer step
@@ -100,6 +101,8 @@ class Trainer:
         progress_bar: bool = True,
         grad_clip_per: str = "step",
         divergence: DivergenceGuard | None = None,
+        evaluator: Callable[[nn.Module], dict[str, float]] | None = None,
+        eval_every: int = 0,
     ) -> None:
         self.accelerator = accelerator
         self.model = model
@@ -120,6 +123,10 @@ class Trainer:
         self.peak_tflops = peak_tflops
         self.progress_bar = progress_bar
         self.divergence = divergence or DivergenceGuard()
+        self.evaluator = evaluator
+        self.eval_every = eval_every
+        self.eval_history: list[StepResult] = []
+        self._eval_postfix: dict[str, str] = {}
         self.step = 0
         self.history: list[StepResult] = []
         self.last_checkpoint: str | None = None
@@ -288,6 +295,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train",
                    disable=not (self.progress_bar and acc.is_main_process), dynamic_ncols=True)
         t0, tok0 = time.perf_counter(), 0.0
+        self.maybe_evaluate(start=True)
         while self.step < self.total_steps:
             sched = apply_schedule(self.optimizer, self.step, self.total_steps, self.schedule)
             result = self.train_step()
@@ -300,19 +308,41 @@ class Trainer:
             self.history.append(result)
             bar.update(1)
             bar.set_postfix(loss=f"{result.metrics.get('loss', float('nan')):.4f}",
-                            lr=f"{sched['lr']:.2e}")
+                            lr=f"{sched['lr']:.2e}", **self._eval_postfix)
             if self.step % self.log_every == 0 or self.step == self.total_steps:
                 dt = time.perf_counter() - t0
                 self._log(result, tok0 / max(dt, 1e-9))
                 t0, tok0 = time.perf_counter(), 0.0
+            self.maybe_evaluate()
             if self.checkpoint_every and self.step % self.checkpoint_every == 0:
                 self.save_checkpoint()
+        self.maybe_evaluate(end=True)
         bar.close()
         if self.checkpointed_step != self.step:  # the last step is not saved yet
             self.save_checkpoint()
         if self.accelerator.is_main_process:
             self.checkpointer.wait()  # the last checkpoint is published when fit returns
         return self.history
+
+    def maybe_evaluate(self, start: bool = False, end: bool = False) -> dict[str, float] | None:
+        """Run the held-out evaluator at the start, every `eval_every` steps and at the end (once
+        per step); log its metrics to the trackers, the log and the progress bar."""
+        if self.evaluator is None or self.eval_every <= 0:
+            return None
+        if self.eval_history and self.eval_history[-1].step == self.step:
+            return None  # already evaluated at this step
+        if not (start or end or self.step % self.eval_every == 0):
+            return None
+        metrics = self.evaluator(self.model)
+        self.eval_history.append(StepResult(step=self.step, metrics=metrics))
+        self.accelerator.log(metrics, step=self.step)
+        loss = metrics.get("heldout/loss")
+        if loss is not None:
+            self._eval_postfix = {"heldout": f"{loss:.4f}"}
+        if self.accelerator.is_main_process:
+            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+            log.info("held-out at step %d/%d: %s", self.step, self.total_steps, shown)
+        return metrics
 
     def _log(self, result: StepResult, tokens_per_s: float) -> None:
         m = dict(result.metrics)
