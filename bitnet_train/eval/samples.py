@@ -108,7 +108,7 @@ def write_external(spec: ExternalSpec, model, tokenizer, tmp: Path, final: Path,
                    batch_size: int, seed: int) -> tuple[Any, list[str]]:
     """Generate `spec`'s answers into `tmp` (published later as `final`); returns the results
     table's row and the commands that score them."""
-    from bitnet_train.eval.suites import Row
+    from bitnet_train.eval.results import Row
 
     label = spec.label or DEFAULTS[spec.kind][2]
     if spec.kind == "humaneval_plus":

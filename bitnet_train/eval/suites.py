@@ -30,24 +30,11 @@ import torch
 
 from bitnet_train.errors import CheckpointError, ConfigError, DataError
 from bitnet_train.eval.config import EvalRunConfig, SuiteConfig, TaskSpec
+from bitnet_train.eval.results import Row
 
 log = logging.getLogger(__name__)
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-@dataclass
-class Row:
-    """One line of the results table."""
-
-    label: str
-    task: str
-    shots: int | None
-    chat_template: bool
-    metric: str
-    report: float | None
-    ours: float | None = None
-    note: str = ""
 
 
 @dataclass
@@ -312,9 +299,9 @@ def run_eval(cfg: EvalRunConfig) -> EvalOutput:
     """Evaluate `cfg.checkpoint` on `cfg.eval` (see module doc); returns what it wrote."""
     from lm_eval.utils import handle_non_serializable
 
+    from bitnet_train.atomic import atomic_directory
     from bitnet_train.eval.harness import BitNetLM
     from bitnet_train.eval.samples import write_external
-    from bitnet_train.io import atomic_directory
 
     suite = cfg.eval
     out_dir = Path(cfg.output_dir) if cfg.output_dir else (
@@ -339,7 +326,7 @@ def run_eval(cfg: EvalRunConfig) -> EvalOutput:
         notes.append(f"limit={suite.limit} examples per task: not comparable to the report, "
                      "which scores every example")
     commands: list[str] = []
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, marker="results.json") as tmp:
         for spec in suite.external:
             row, cmds = write_external(spec, model, tokenizer, tmp, out_dir, model_id,
                                        suite.batch_size, suite.seed)

@@ -10,6 +10,7 @@ import pytest
 
 from bitnet_train.data.chat import CHAT_TEMPLATE
 from bitnet_train.data.tokenizer import load_tokenizer
+from bitnet_train.integrity import write_manifest
 from bitnet_train.train.run import run
 from tests.train.helpers import make_tokenizer, pretrain_config
 
@@ -43,4 +44,5 @@ def qa_model(tmp_path_factory) -> Path:
     tokenizer = load_tokenizer(str(result.final_dir))
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(str(result.final_dir))
+    write_manifest(result.final_dir)  # the directory changed on purpose: describe it again
     return result.final_dir

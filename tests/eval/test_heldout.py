@@ -282,7 +282,7 @@ def test_dpo_heldout_metrics_from_precomputed_reference_equal_the_live_reference
 
 def test_heldout_larger_than_a_chat_source_names_it(chat_dir):
     cfg = _chat_cfg("demo_sft", chat_dir, chat_dir / "unused",
-                    f"data.sources.0.path={chat_dir}/chat.jsonl").data
+                    f"data.sources.0.path={chat_dir}/chat.jsonl", "data.max_len=128").data
     tok = load_tokenizer(str(chat_dir / "tokenizer"))
     with pytest.raises(DataError, match="'python-chat' has 32 usable examples.*trainer.eval_size"):
         build_sft_dataset(cfg, tok, heldout=32)
