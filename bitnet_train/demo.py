@@ -118,8 +118,11 @@ def run_demo(out: Path, steps_scale: float = 1.0) -> dict[str, float]:
     print(f"   User: {QUESTION}\n   Assistant: {chat_reply(sft_model, tokenizer, QUESTION)}")
 
     print("== 4/5 DPO (recipe demo_dpo), beta 0.1, frozen reference")
+    # tests (steps_scale < 1) score a fixed quarter of the held-out pairs
+    held_share = [] if steps_scale >= 1 else ["data.sources.0.weight=0.25"]
     held_out = to_train_config(compose([
-        "+recipe=demo_dpo", f"data.sources.0.path={out / 'data' / 'pairs_heldout.jsonl'}"])).data
+        "+recipe=demo_dpo", f"data.sources.0.path={out / 'data' / 'pairs_heldout.jsonl'}",
+        *held_share])).data
     before = evaluate_preferences(sft_model, sft_model, held_out, tokenizer, beta=0.1)
     dpo = train_recipe("demo_dpo", out / "dpo", cap)
     dpo_model, tokenizer = load_model(dpo.final_dir)

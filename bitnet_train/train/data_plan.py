@@ -126,8 +126,15 @@ class EpochPlan(BatchPlan):
         self.dataset.load_state_dict(state["dataset"])  # validates data / world size unchanged
 
     def all_rows(self) -> np.ndarray:
-        """Every row this rank visits in any epoch."""
-        return np.unique(np.concatenate([self.dataset.rank_rows(e) for e in range(self.epochs)]))
+        """Every row this rank visits in the plan's steps: every epoch's, or fewer when
+        trainer.max_steps ends the run early (precomputed reference log-probs cover these)."""
+        rows = []
+        for step in range(self.total_steps):
+            epoch, k = divmod(step, self.steps_per_epoch)
+            first = k * self.grad_accum * self.micro
+            last = min((k + 1) * self.grad_accum, self.batches_per_epoch) * self.micro
+            rows.append(self.dataset.rank_rows(epoch)[first:last])
+        return np.unique(np.concatenate(rows)) if rows else np.zeros(0, dtype=np.int64)
 
 
 @torch.no_grad()
