@@ -114,7 +114,12 @@ def precompute_reference_logps(plan: EpochPlan, reference, device, loss_impl: st
     from bitnet_train.train.objectives.dpo import reference_logps
 
     table = torch.full((plan.dataset.num_rows, 2), float("nan"))
-    rows = plan.all_rows()
+    from bitnet_train.train.parallelize import is_fsdp
+
+    # a sharded reference runs collectives in every forward: every process must run as many,
+    # so each takes all its epochs' rows (the same count everywhere), repeats included
+    rows = (np.concatenate([plan.dataset.rank_rows(e) for e in range(plan.epochs)])
+            if is_fsdp(reference) else plan.all_rows())
     for start in range(0, len(rows), plan.micro):
         chunk = rows[start:start + plan.micro]
         batch = {k: v.to(device) for k, v in plan.dataset.collate(chunk.tolist()).items()}
@@ -137,44 +142,63 @@ def data_counts(dataset) -> dict[str, int]:
     return out
 
 
-def build_batch_plan(cfg: TrainConfig, tokenizer, accelerator, objective) -> BatchPlan:
-    """The plan of `cfg.objective.name`'s data for this process; sets plan.total_steps."""
+def build_batch_plan(cfg: TrainConfig, tokenizer, accelerator, objective,
+                     num_shards: int = 0) -> BatchPlan:
+    """The plan of `cfg.objective.name`'s data for this process: the logical data shards it
+    owns (train/data_shards.py; `num_shards` 0: one per process). Sets plan.total_steps and
+    cfg.trainer.grad_accum (derived from global_batch_tokens when set)."""
+    from bitnet_train.train.data_shards import ShardedPlan, owned_shards, per_shard_accum
+
     rank, world = accelerator.process_index, accelerator.num_processes
+    num_shards = num_shards or world
+    shards = owned_shards(rank, world, num_shards)
     name = cfg.objective.name
     if name == "pretrain":
         if cfg.trainer.max_steps <= 0:
             raise ConfigError("pretraining is step-based: set trainer.max_steps > 0")
         ga = derive_grad_accum(cfg.trainer, cfg.data.seq_len, world)
         cfg.trainer.grad_accum = ga
-        plan = PretrainPlan(cfg.data, tokenizer, rank, world, cfg.trainer.micro_batch_size,
-                            cfg.trainer.max_steps, cfg.schedule)
-        plan.total_steps = cfg.trainer.max_steps
-        return plan
+        per_shard = per_shard_accum(ga, world, num_shards)
+        plans = {}
+        for s in shards:
+            plans[s] = PretrainPlan(cfg.data, tokenizer, s, num_shards,
+                                    cfg.trainer.micro_batch_size, cfg.trainer.max_steps,
+                                    cfg.schedule)
+            plans[s].total_steps = cfg.trainer.max_steps
+        return ShardedPlan(plans, num_shards, per_shard)
+    per_shard = per_shard_accum(cfg.trainer.grad_accum, world, num_shards)
     # the main process encodes first and fills datasets' cache; the others then read it
     with accelerator.main_process_first():
         if name == "sft":
             from bitnet_train.data.sft import build_sft_dataset
 
-            dataset = build_sft_dataset(cfg.data, tokenizer, rank=rank, world_size=world)
+            dataset = build_sft_dataset(cfg.data, tokenizer, rank=shards[0],
+                                        world_size=num_shards)
         else:
             from bitnet_train.data.preference import build_preference_dataset
 
-            dataset = build_preference_dataset(cfg.data, tokenizer, rank=rank, world_size=world)
+            dataset = build_preference_dataset(cfg.data, tokenizer, rank=shards[0],
+                                               world_size=num_shards)
     counts = data_counts(dataset)
     if counts and accelerator.is_main_process:
         # truncated / dropped conversations and pairs are counted, never silent
         log.info("data: %s", ", ".join(f"{k.removeprefix('data/')}={v}"
                                        for k, v in counts.items() if "/total/" in k or
                                        k in ("data/rows", "data/examples_per_epoch")))
-    plan = EpochPlan(dataset, cfg.trainer.epochs, cfg.trainer.micro_batch_size,
-                     cfg.trainer.grad_accum)
-    plan.counts = counts
-    if cfg.trainer.max_steps:
-        plan.total_steps = min(plan.total_steps, cfg.trainer.max_steps)
+    plans = {}
+    for s in shards:
+        plan = EpochPlan(dataset if s == shards[0] else dataset.for_rank(s, num_shards),
+                         cfg.trainer.epochs, cfg.trainer.micro_batch_size, per_shard)
+        if cfg.trainer.max_steps:
+            plan.total_steps = min(plan.total_steps, cfg.trainer.max_steps)
+        if name == "dpo" and cfg.objective.precompute_reference:
+            precompute_reference_logps(plan, objective.reference, accelerator.device,
+                                       cfg.objective.loss_impl)
+        plans[s] = plan
     if name == "dpo" and cfg.objective.precompute_reference:
-        precompute_reference_logps(plan, objective.reference, accelerator.device,
-                                   cfg.objective.loss_impl)
         objective.reference = None  # freed: batches now carry ref_logps
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return plan
+    sharded = ShardedPlan(plans, num_shards, per_shard)
+    sharded.counts = counts
+    return sharded

@@ -1,7 +1,9 @@
 """Build a run from its config, in a fixed order, and train it.
 
-model -> (reference, for DPO) -> optimizer -> accelerate prepare -> data -> checkpointer ->
-trainer (resume) -> fit -> DIR/final
+model (on the meta device for FSDP2) -> (reference, for DPO) -> parallelize (kernels ->
+attention -> AC -> compile -> FSDP2) -> initialise the shards -> optimizer -> accelerate
+prepare (DDP only) -> checkpointer -> data (logical shards) -> trainer (resume) -> fit ->
+DIR/final (gathered whole once, on the CPU, written by rank 0)
 """
 
 from __future__ import annotations
@@ -25,12 +27,21 @@ from omegaconf import DictConfig, OmegaConf
 from bitnet_train.errors import CheckpointError, ConfigError
 from bitnet_train.model import BitNetConfig, BitNetForCausalLM, build_model
 from bitnet_train.train.checkpoint import Checkpointer
-from bitnet_train.train.config import ModelSection, TrainConfig, to_train_config
+from bitnet_train.train.config import ModelSection, ParallelConfig, TrainConfig, to_train_config
 from bitnet_train.train.data_plan import build_batch_plan
+from bitnet_train.train.data_shards import checkpoint_num_shards, resolve_num_shards
 from bitnet_train.train.objectives.dpo import DPOObjective, make_reference
 from bitnet_train.train.objectives.language_model import LanguageModelObjective
-from bitnet_train.train.parallelize import parallelize
+from bitnet_train.train.parallelize import FSDPSettings, parallelize
 from bitnet_train.train.schedules import param_groups, stage_boundary_step
+from bitnet_train.train.sharding import (
+    build_mesh,
+    build_meta_model,
+    gather_full_model,
+    init_sharded,
+    resolve_strategy,
+)
+from bitnet_train.train.state_io import AccelerateStateIO, ShardedStateIO, StateIO
 from bitnet_train.train.trainer import PEAK_TFLOPS, StepResult, Trainer
 
 log = logging.getLogger(__name__)
@@ -169,7 +180,17 @@ def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
 
         # the released 2B4T template; saved with the tokenizer, so exports carry it
         tokenizer.chat_template = CHAT_TEMPLATE
-    model = build_or_load_model(cfg.model, cfg.seed)
+    strategy = resolve_strategy(cfg.parallel.strategy, accelerator, cfg.parallel.cpu_offload)
+    # FSDP2 over several processes: build on the meta device, fill the shards after sharding
+    sharded = strategy == "fsdp2" and accelerator.num_processes > 1
+    initial_state = None
+    if sharded:
+        model, initial_state = build_meta_model(cfg.model.architecture(), cfg.model.init)
+        if cfg.model.init:
+            check_same_architecture(cfg.model.architecture(), model.config,
+                                    source=cfg.model.init)
+    else:
+        model = build_or_load_model(cfg.model, cfg.seed)
     if len(tokenizer) > model.config.vocab_size:
         raise ConfigError(
             f"tokenizer {cfg.tokenizer} has {len(tokenizer)} tokens but model.vocab_size="
@@ -179,25 +200,50 @@ def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
     model.config.eos_token_id = model.config.eos_token_id or tokenizer.eos_token_id
     model.train()
     objective = build_objective(cfg, model)
-    applied = parallelize(model, accelerator.device, kernels=cfg.trainer.kernels,
-                          attention=cfg.trainer.attention, compile=cfg.trainer.compile)
-    log.info("fast paths: %s", applied)
+    device = accelerator.device
+    fsdp = fsdp_settings(cfg.parallel, device) if sharded else None
+    applied = parallelize(model, device, kernels=cfg.trainer.kernels,
+                          attention=cfg.trainer.attention, compile=cfg.trainer.compile,
+                          activation_checkpointing=cfg.trainer.activation_checkpointing,
+                          fsdp=fsdp)
+    log.info("fast paths: %s (strategy %s)", applied, strategy)
     reference = getattr(objective, "reference", None)
     if reference is not None:  # the frozen DPO reference runs the same forward, as fast
-        parallelize(reference, accelerator.device, kernels=cfg.trainer.kernels,
-                    attention=cfg.trainer.attention, compile=cfg.trainer.compile)
+        parallelize(reference, device, kernels=cfg.trainer.kernels,
+                    attention=cfg.trainer.attention, compile=cfg.trainer.compile, fsdp=fsdp)
+    if sharded:
+        for m in (model, reference):
+            if m is not None:
+                init_sharded(m, torch.device("cpu") if cfg.parallel.cpu_offload else device,
+                             cfg.seed, initial_state)
+        del initial_state
+    elif strategy == "fsdp2":  # one process: the whole model, no accelerate wrapper
+        model.to(device)
     optimizer = build_optimizer(model, cfg)
     if applied["kernels"] == "triton":
         from bitnet_train.kernels.modules import watch_optimizer
 
         watch_optimizer(optimizer, model)  # ternary codes: recomputed once per optimizer step
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if applied.get("ternary_all_gather"):
+        from bitnet_train.train.ternary_all_gather import watch_optimizer_scales
+
+        watch_optimizer_scales(optimizer, model)  # one all-reduce of the scales per step
+    if strategy == "ddp":
+        model, optimizer = accelerator.prepare(model, optimizer)
+        state_io: StateIO = AccelerateStateIO(accelerator)
+    else:  # sharded (or whole on one process) by us; checkpoints through DCP
+        state_io = ShardedStateIO(model, optimizer)
     objective.setup(model, accelerator)
 
-    plan = build_batch_plan(cfg, tokenizer, accelerator, objective)
+    checkpointer = Checkpointer(output_dir / "checkpoints", keep_last=cfg.trainer.keep_last)
+    resume_path = resume_target(cfg, checkpointer)
+    resume_meta = checkpointer.load_metadata(resume_path) if resume_path else {}
+    num_shards = resolve_num_shards(cfg.parallel.data_shards, accelerator.num_processes,
+                                    checkpoint_num_shards(resume_meta, resume_path))
+    plan = build_batch_plan(cfg, tokenizer, accelerator, objective, num_shards)
+    check_same_global_batch(plan, resume_meta, cfg.trainer.grad_accum)
     total_steps = plan.total_steps
     stage_boundary_step(total_steps, cfg.schedule)  # a schedule that does not fit fails now
-    checkpointer = Checkpointer(output_dir / "checkpoints", keep_last=cfg.trainer.keep_last)
     unwrapped: BitNetForCausalLM = accelerator.unwrap_model(model)
     seq_len = getattr(cfg.data, "seq_len", None) or getattr(cfg.data, "max_len", 2048)
     peak = cfg.trainer.peak_tflops or _guess_peak_tflops()
@@ -217,35 +263,65 @@ def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
         checkpoint_every=cfg.trainer.checkpoint_every, log_every=cfg.trainer.log_every,
         save_extra=save_extra,
         checkpoint_metadata={"model_config": unwrapped.config.to_hf_dict(),
-                             "objective": cfg.objective.name},
+                             "objective": cfg.objective.name, "strategy": strategy,
+                             "processes": accelerator.num_processes,
+                             "data_shards": getattr(plan, "num_shards", None),
+                             "per_shard_accum": getattr(plan, "per_shard", None)},
         flops_per_token=flops_per_token(unwrapped.config, seq_len), peak_tflops=peak,
-        progress_bar=cfg.trainer.progress_bar,
+        progress_bar=cfg.trainer.progress_bar, state_io=state_io,
     )
-    _maybe_resume(trainer, cfg, checkpointer, unwrapped)
+    if resume_path is not None:
+        checkpointer.check_compatible(resume_path, unwrapped.config.to_hf_dict())
+        log.info("resuming from %s", resume_path)
+        trainer.load_checkpoint(resume_path)
     trainer.fit()
     final_dir = output_dir / "final"
+    # a sharded model is gathered whole once, on the CPU of rank 0 (every rank joins)
+    whole = gather_full_model(model, unwrapped.config) if sharded else unwrapped
     if accelerator.is_main_process:
-        save_model(unwrapped, final_dir, tokenizer=tokenizer)
+        save_model(whole, final_dir, tokenizer=tokenizer)
         log.info("final model saved to %s", final_dir)
+    del whole
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return RunResult(output_dir=output_dir, final_dir=final_dir, history=trainer.history,
                      trainer=trainer)
 
 
-def _maybe_resume(trainer: Trainer, cfg: TrainConfig, checkpointer: Checkpointer,
-                  model: BitNetForCausalLM) -> None:
+def resume_target(cfg: TrainConfig, checkpointer: Checkpointer) -> Path | None:
+    """The checkpoint `trainer.resume` asks for (None: start fresh)."""
     mode = cfg.trainer.resume
     if mode == "never":
-        return
+        return None
     path = checkpointer.latest() if mode == "auto" else Path(mode)
     if path is None:
-        return
+        return None
     if mode != "auto" and not (path / "COMPLETE").exists():
         raise CheckpointError(f"trainer.resume={mode}: not a complete checkpoint (no COMPLETE)")
-    checkpointer.check_compatible(path, model.config.to_hf_dict())
-    log.info("resuming from %s", path)
-    trainer.load_checkpoint(path)
+    return path
+
+
+def check_same_global_batch(plan: Any, meta: dict[str, Any], grad_accum: int) -> None:
+    """A resumed run keeps its global batch: the same micro-batches per data shard per step."""
+    was = meta.get("per_shard_accum")
+    now = getattr(plan, "per_shard", None)
+    if was is None or now is None or was == now:
+        return
+    k = len(plan.plans)
+    raise ConfigError(
+        f"the checkpoint trained on {was} micro-batches per data shard per step; with "
+        f"trainer.grad_accum={grad_accum} this run would take {now}, changing the global batch. "
+        f"Use trainer.grad_accum={was * k} ({k} shard(s) per process), or "
+        "trainer.global_batch_tokens")
+
+
+def fsdp_settings(parallel: ParallelConfig, device: torch.device) -> FSDPSettings:
+    """The `parallel` section as apply_fsdp's settings, over every process."""
+    return FSDPSettings(mesh=build_mesh(device),
+                        param_dtype=getattr(torch, parallel.param_dtype),
+                        reshard_after_forward=parallel.reshard_after_forward,
+                        cpu_offload=parallel.cpu_offload,
+                        ternary_all_gather=parallel.ternary_all_gather)
 
 
 def _guess_peak_tflops() -> float:

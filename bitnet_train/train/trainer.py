@@ -19,16 +19,19 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from bitnet_train.errors import CheckpointError, TrainingError
+from bitnet_train.errors import TrainingError
 from bitnet_train.train.checkpoint import Checkpointer
 from bitnet_train.train.objectives.base import Objective
+from bitnet_train.train.parallelize import is_fsdp
 from bitnet_train.train.schedules import ScheduleConfig, apply_schedule
+from bitnet_train.train.state_io import AccelerateStateIO, StateIO
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,7 @@ class Trainer:
         peak_tflops: float = 0.0,
         progress_bar: bool = True,
         on_log: Callable[[StepResult], None] | None = None,
+        state_io: StateIO | None = None,
     ) -> None:
         self.accelerator = accelerator
         self.model = model
@@ -110,6 +114,7 @@ class Trainer:
         self.peak_tflops = peak_tflops
         self.progress_bar = progress_bar
         self.on_log = on_log
+        self.state_io: StateIO = state_io or AccelerateStateIO(accelerator)
         self.step = 0
         self.history: list[StepResult] = []
         self.last_checkpoint: str | None = None
@@ -132,10 +137,19 @@ class Trainer:
         """All-reduce (sum) a vector over processes, on the device, without a host sync."""
         return self.accelerator.reduce(values, reduction="sum")
 
+    def _sync_context(self, sync: bool):
+        """DDP: no all-reduce but on a step's last micro-batch. FSDP2 reduce-scatters every
+        micro-batch (keeping whole gradients between them would cost a whole fp32 model per
+        process, torchtitan's choice too); its root (embeddings, lm_head) stays gathered until
+        the last one, so they are all-gathered once per step rather than per micro-batch."""
+        if is_fsdp(self.model):
+            self.model.set_reshard_after_backward(sync, recurse=False)
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.model) if not sync else contextlib.nullcontext()
+
     def forward_backward_step(self, batch: dict[str, Tensor], scale: Tensor, sync: bool):
         """Forward one micro-batch and backpropagate `scale * loss_sum`."""
-        ctx = self.accelerator.no_sync(self.model) if not sync else contextlib.nullcontext()
-        with ctx, self.accelerator.autocast():
+        with self._sync_context(sync), self.accelerator.autocast():
             out = self.objective.micro_step(self.model, batch)
             self.accelerator.backward(out.loss_sum * scale)
         return out
@@ -154,7 +168,8 @@ class Trainer:
         count = self._reduce_sum(torch.tensor([float(local_count)], dtype=torch.float64,
                                               device=dev))
         world = self.accelerator.num_processes
-        # DDP averages gradients over processes: multiply by world to undo it
+        # DDP (and FSDP2's reduce-scatter) average gradients over processes: multiply by world
+        # to undo it
         scale = (world / count.clamp(min=1.0) if self.objective.reduction == "mean"
                  else torch.full_like(count, float(world))).float().squeeze(0)
         sums: dict[str, Tensor] = {}
@@ -260,7 +275,8 @@ class Trainer:
         return {"step": self.step}
 
     def save_checkpoint(self) -> str:
-        """Accelerate state (model, optimizer, every rank's RNG) + data position, atomically.
+        """Model and optimizer (`state_io`: accelerate's state, or sharded for FSDP2) + data
+        position, atomically.
 
         Every rank writes into one staging directory (accelerate saves per-rank RNG files);
         only the main process creates it and publishes it (COMPLETE marker, rename), so a crash
@@ -273,9 +289,11 @@ class Trainer:
         acc.wait_for_everyone()
         staging = ckpt.staging_dir(self.step)
         try:
-            acc.save_state(str(staging))
-            # each rank reads its own shard of the data: one stream state per rank
-            torch.save(self.data.state_dict(), staging / f"data_state_rank{acc.process_index}.pt")
+            from bitnet_train.train.data_shards import save_data_state
+
+            self.state_io.save(staging)
+            # each logical data shard's position, written by the process reading it
+            save_data_state(self.data, staging, acc.process_index)
             if acc.is_main_process:
                 torch.save(self.trainer_state(), staging / "trainer_state.pt")
                 if self.save_extra is not None:
@@ -300,19 +318,12 @@ class Trainer:
 
     def load_checkpoint(self, path) -> None:
         """Restore everything `save_checkpoint` wrote; training continues exactly."""
-        self.accelerator.load_state(str(path))
+        from bitnet_train.train.data_shards import load_data_state
+
+        self.state_io.load(Path(path))
         state = torch.load(f"{path}/trainer_state.pt", weights_only=False)
         self.step = int(state["step"])
-        data_file = f"{path}/data_state_rank{self.accelerator.process_index}.pt"
-        try:
-            data_state = torch.load(data_file, weights_only=False)
-        except FileNotFoundError as exc:
-            raise CheckpointError(
-                f"{path} has no data state for process {self.accelerator.process_index} "
-                f"({data_file}): it was written by fewer processes. Resume with the same number "
-                "of processes as the run that wrote it."
-            ) from exc
-        self.data.load_state_dict(data_state)
+        load_data_state(self.data, Path(path), self.accelerator.process_index)
         self.last_checkpoint = str(path)
 
 
