@@ -107,10 +107,20 @@ def state_for_saving(
         if name in skip or (name == LM_HEAD and model.config.tie_word_embeddings):
             continue
         t = tensor.detach()
+        if _is_sharded(t):
+            raise CheckpointError(
+                f"{name} is a shard of an FSDP2-sharded model: gather the model whole first "
+                "(bitnet_train.train.sharding.gather_full_model; the trainer does it for final/)")
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         state[name] = t.to("cpu", copy=True).contiguous()
     return state
+
+
+def _is_sharded(t: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 @contextmanager

@@ -42,7 +42,12 @@ from bitnet_train.train.sharding import (
     resolve_strategy,
 )
 from bitnet_train.train.state_io import AccelerateStateIO, ShardedStateIO, StateIO
-from bitnet_train.train.trainer import PEAK_TFLOPS, StepResult, Trainer
+from bitnet_train.train.trainer import (
+    PEAK_TFLOPS,
+    StepResult,
+    Trainer,
+    check_optimizer_covers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +165,13 @@ def resolve_output_dir(cfg: TrainConfig) -> Path:
     return Path("outputs") / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}-{cfg.run_name}"
 
 
-def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
-    """Train `cfg` to the end and save DIR/final with `save_model`."""
+def run(cfg: TrainConfig, resolved_yaml: str | None = None,
+        destroy_process_group: bool = True) -> RunResult:
+    """Train `cfg` to the end and save DIR/final with `save_model`.
+
+    `destroy_process_group`: end with accelerate's end_training, which also destroys the
+    process group; False only finishes the trackers, for more distributed work (another run)
+    in the same processes."""
     from bitnet_train.data.tokenizer import load_tokenizer
     from bitnet_train.io import save_model
 
@@ -233,6 +243,7 @@ def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
         state_io: StateIO = AccelerateStateIO(accelerator)
     else:  # sharded (or whole on one process) by us; checkpoints through DCP
         state_io = ShardedStateIO(model, optimizer)
+    check_optimizer_covers(model, optimizer)
     objective.setup(model, accelerator)
 
     checkpointer = Checkpointer(output_dir / "checkpoints", keep_last=cfg.trainer.keep_last)
@@ -283,7 +294,11 @@ def run(cfg: TrainConfig, resolved_yaml: str | None = None) -> RunResult:
         log.info("final model saved to %s", final_dir)
     del whole
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    if destroy_process_group:
+        accelerator.end_training()
+    else:
+        for tracker in accelerator.trackers:
+            tracker.finish()
     return RunResult(output_dir=output_dir, final_dir=final_dir, history=trainer.history,
                      trainer=trainer)
 

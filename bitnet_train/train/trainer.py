@@ -367,3 +367,21 @@ def check_gradients(model: nn.Module, step: int) -> None:
             "gradients, a frozen branch or a NaN in the data does this: rerun with "
             "trainer.compile=false trainer.kernels=reference to tell which."
         )
+
+
+def check_optimizer_covers(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Raise TrainingError naming every trainable parameter the optimizer does not update.
+
+    accelerate's FSDP2 preparation moves a model to the meta device and back; a model that
+    loses its weight tying there comes back with a separate lm_head that no optimizer group
+    holds, which then trains with a frozen random output layer (the FSDP2 run of issue 9
+    that fell behind DDP). Checked once, before the first step.
+    """
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+    if missing:
+        raise TrainingError(
+            f"{len(missing)} trainable parameter(s) are in no optimizer group: "
+            f"{', '.join(missing[:8])}. They would never be updated; a wrapper that replaced "
+            "parameters after the optimizer was built (or untied lm_head from the embeddings) "
+            "does this. Build the optimizer after parallelizing, and keep tied weights tied.")
