@@ -82,6 +82,7 @@ def equality(work: Path) -> dict:
         out[name] = history(dpo, "loss", "grad_norm", "margin")
         if not precompute:
             out["dpo_reference"] = type(dpo.trainer.objective.reference).__name__
+    out["fused_kernels"] = fused_kernels_under_fsdp()
     out["init_equal"] = meta_init_equals_eager()
     out["all_gather_bytes"] = all_gather_bytes()
     out["accelerate_fsdp2"] = accelerate_prepare()
@@ -115,6 +116,55 @@ def meta_init_equals_eager() -> bool | None:
     eager = build_model(config, seed=7).state_dict()
     mine = whole.state_dict()
     return set(eager) == set(mine) and all(torch.equal(eager[k], mine[k]) for k in eager)
+
+
+def fused_kernels_under_fsdp() -> dict[str, Any]:
+    """The fused Triton kernels (Triton's interpreter on the CPU) in an FSDP2 model: the codes
+    come from the whole gathered weight, once per optimizer step; the loss and every gradient
+    equal the unsharded fused model's on the whole batch."""
+    from bitnet_train.kernels.modules import FusedBitNetDecoderLayer, watch_optimizer
+    from bitnet_train.kernels.reference import ternary_codes_ref
+    from bitnet_train.model import build_model
+    from bitnet_train.train.parallelize import FSDPSettings, parallelize
+    from bitnet_train.train.sharding import build_mesh, build_meta_model, init_sharded
+    from tests.conftest import tiny_config
+
+    cpu = torch.device("cpu")
+    config = tiny_config(tie_word_embeddings=True)
+    ids = torch.randint(3, 512, (4, 16), generator=torch.Generator().manual_seed(3))
+    whole = build_model(config, seed=5)
+    parallelize(whole, cpu, kernels="triton", attention="sdpa")
+    loss = whole(ids, labels=ids).loss
+    loss.backward()
+    model, _ = build_meta_model(config)
+    applied = parallelize(model, cpu, kernels="triton", attention="sdpa",
+                          fsdp=FSDPSettings(mesh=build_mesh(cpu)))
+    init_sharded(model, cpu, seed=5)
+    layer = model.model.layers[0]
+    assert isinstance(layer, FusedBitNetDecoderLayer) and applied["kernels"] == "triton"
+    mine = ids[2 * RANK:2 * RANK + 2]
+    part = model(mine, labels=mine).loss
+    part.backward()  # equal token counts: the mean of the two halves' means
+    losses = [torch.zeros(()), torch.zeros(())]
+    dist.all_gather(losses, part.detach())
+    worst = 0.0
+    grads = dict(whole.named_parameters())
+    for name, p in model.named_parameters():
+        full = p.grad.full_tensor()
+        ref = grads[name].grad
+        worst = max(worst, float((full - ref).abs().max() / ref.abs().max()))
+    attn = layer.self_attn
+    qkv = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+    codes_ok = torch.equal(layer.qkv_codes, ternary_codes_ref([w.full_tensor() for w in qkv])[0])
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    watch_optimizer(opt, model)
+    before = layer.qkv_codes.clone()
+    opt.step()
+    model(mine, labels=mine)  # the codes refresh from the updated, gathered weights
+    fresh = ternary_codes_ref([w.full_tensor() for w in qkv])[0]
+    return {"loss": float(sum(losses) / 2), "whole_loss": float(loss.detach()), "worst_grad": worst,
+            "codes_from_whole_weight": codes_ok, "refreshed_after_step": torch.equal(
+                layer.qkv_codes, fresh) and not torch.equal(before, fresh)}
 
 
 def all_gather_bytes() -> dict[str, int]:

@@ -104,6 +104,12 @@ def test_fsdp2_and_ddp_equal_one_process(work):
                           abs_tol=1e-4)
     assert got["dpo_reference"].startswith("FSDP")  # the live reference was sharded too
 
+    fused = got["fused_kernels"]  # Triton's interpreter: codes from the gathered weights
+    assert fused["loss"] == pytest.approx(fused["whole_loss"], rel=1e-5)
+    # the fused backward returns bf16 weight gradients: each process's half is rounded to bf16
+    # before the fp32 reduce-scatter sums them (2^-8 relative); codes from a shard would be O(1)
+    assert fused["worst_grad"] < 1e-2, fused
+    assert fused["codes_from_whole_weight"] and fused["refreshed_after_step"]
     assert got["init_equal"] is True
     b = got["all_gather_bytes"]
     # same collectives, fewer bytes: the BitLinear weights as 2-bit codes (1/16 of fp32)

@@ -1,0 +1,124 @@
+"""parallelize's single-process pieces: activation checkpointing, weight tying through the meta
+device, the ternary all-gather's codes and gathered weight, logical data shards, the config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torch.utils.flop_counter import FlopCounterMode
+
+from bitnet_train.errors import ConfigError
+from bitnet_train.model import build_model, ternary_weight
+from bitnet_train.model.bitlinear import fake_quant_weight_ref
+from bitnet_train.train.config import compose, to_train_config
+from bitnet_train.train.data_shards import (
+    ShardedPlan,
+    owned_shards,
+    per_shard_accum,
+    resolve_num_shards,
+)
+from bitnet_train.train.parallelize import apply_ac
+from bitnet_train.train.sharding import resolve_strategy
+from bitnet_train.train.ternary_all_gather import pack_ternary, ternarize, unpack_ternary
+from tests.conftest import tiny_config
+from tests.train.test_trainer import ListPlan
+
+
+def _step(mode: str):
+    model = build_model(tiny_config(), seed=0)
+    apply_ac(model, mode)
+    ids = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as flops:
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    return loss.detach(), grads, flops.get_total_flops(), list(model.state_dict())
+
+
+def test_activation_checkpointing_same_gradients_names_and_what_it_recomputes():
+    """full and selective checkpointing give the loss and every gradient of no checkpointing,
+    under transformers' parameter names; full recomputes each block's matrix products in
+    backward, selective keeps them (it recomputes only the elementwise work)."""
+    loss, grads, flops, names = _step("none")
+    for mode in ("full", "selective"):
+        loss_m, grads_m, flops_m, names_m = _step(mode)
+        assert names_m == names
+        assert torch.equal(loss_m, loss), mode
+        for n, g in grads.items():
+            assert torch.allclose(grads_m[n], g, rtol=1e-6, atol=1e-9), (mode, n)
+        if mode == "full":
+            assert flops_m > flops * 1.1  # the blocks' forward products run twice
+        else:
+            assert flops_m == flops  # products kept, not recomputed
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        apply_ac(build_model(tiny_config()), "some")
+
+
+def test_tied_lm_head_survives_the_meta_device():
+    """accelerate's FSDP2 preparation moves the model to the meta device, which unties the
+    lm_head, then calls `tie_weights()`: ours re-ties it (the cause of issue 9's divergence)."""
+    model = build_model(tiny_config(tie_word_embeddings=True), seed=0)
+    model.to("meta")
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("shape", [(4, 8), (7, 64), (1, 4)])
+def test_ternary_codes_pack_into_two_bits_and_back(shape):
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(-1, 2, shape, dtype=torch.int8, generator=g)
+    packed = pack_ternary(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (shape[0], shape[1] // 4)
+    assert torch.equal(unpack_ternary(packed), codes)
+
+
+@pytest.mark.parametrize("density", [1.0, 0.3, 0.0])
+def test_gathered_weight_quantizes_to_the_master_weights_codes_and_scale(density):
+    """The all-gather carries T = round(W / a) with a = mean |W| over the whole tensor, and
+    rebuilds W' = T * a / mean |T|: the BitLinear quantizer maps W' to exactly T * a (codes
+    equal, scale within fp32 rounding), whatever the share of zero codes."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(48, 64, generator=g) * 0.02
+    if density < 1.0:  # most weights tiny: most codes 0 (all of them at density 0)
+        w = torch.where(torch.rand(w.shape, generator=g) < density, w * 10, w * 1e-3)
+    codes, a = ternary_weight(w)
+    t = ternarize(w, a)  # what each rank computes on its shard, given the whole tensor's a
+    assert torch.equal(t, codes)
+    m = t.float().abs().mean()
+    w_gathered = t.float() * (a / m) if m > 0 else torch.zeros_like(w)
+    codes_back, a_back = ternary_weight(w_gathered)
+    assert torch.equal(codes_back, codes)
+    if m > 0:
+        assert float(a_back) == pytest.approx(float(a), rel=1e-6)
+        assert torch.allclose(fake_quant_weight_ref(w_gathered), codes.float() * a, rtol=1e-6)
+
+
+def test_logical_data_shards_split_and_interleave():
+    assert owned_shards(1, 2, 4) == [1, 3] and owned_shards(0, 1, 2) == [0, 1]
+    with pytest.raises(ConfigError, match="divides 4"):
+        owned_shards(0, 3, 4)
+    assert per_shard_accum(4, 1, 2) == 2
+    with pytest.raises(ConfigError, match="multiple of 2"):
+        per_shard_accum(3, 1, 2)
+    assert resolve_num_shards(0, 4, None) == 4 and resolve_num_shards(0, 1, 2) == 2
+    with pytest.raises(ConfigError, match="data_shards"):
+        resolve_num_shards(3, 1, 2)
+    # shard s's i-th micro-batch is {"s": s, "i": i}: one process reading shards 0 and 1
+    plans = {s: ListPlan([[{"s": s, "i": i} for i in range(2)]]) for s in (0, 1)}
+    plan = ShardedPlan(plans, num_shards=2, per_shard=2)
+    got = [(b["s"], b["i"]) for b in plan.batches_for_step(0, 4)]
+    assert got == [(0, 0), (1, 0), (0, 1), (1, 1)]
+
+
+def test_parallel_config_and_strategy():
+    with pytest.raises(Exception, match="strategy"):
+        to_train_config(compose(["parallel.strategy=zero3"]))
+    with pytest.raises(Exception, match="activation_checkpointing"):
+        to_train_config(compose(["trainer.activation_checkpointing=some"]))
+    cfg = to_train_config(compose(["parallel.strategy=fsdp2", "parallel.ternary_all_gather=true"]))
+    assert cfg.parallel.strategy == "fsdp2" and cfg.parallel.param_dtype == "float32"
+    acc = Accelerator(cpu=True)  # a plain (not FSDP) launch
+    assert resolve_strategy("auto", acc) == "ddp"
+    assert resolve_strategy("fsdp2", acc) == "fsdp2"
