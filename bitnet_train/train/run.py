@@ -39,6 +39,7 @@ from bitnet_train.train.sharding import (
     build_meta_model,
     gather_full_model,
     init_sharded,
+    maybe_init_cpu_collectives,
     resolve_strategy,
 )
 from bitnet_train.train.state_io import AccelerateStateIO, ShardedStateIO, StateIO
@@ -177,6 +178,8 @@ def run(cfg: TrainConfig, resolved_yaml: str | None = None,
 
     output_dir = resolve_output_dir(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.parallel.strategy != "ddp":
+        maybe_init_cpu_collectives(cfg.parallel.cpu_offload)
     accelerator = build_accelerator(cfg, output_dir)
     set_seed(cfg.seed)
     if accelerator.is_main_process:

@@ -51,15 +51,30 @@ def resolve_strategy(strategy: str, accelerator: Any, cpu_offload: bool = False)
             raise ConfigError(
                 "accelerate's fsdp_activation_checkpointing is not used by bitnet-train: set it "
                 "to false and use trainer.activation_checkpointing=full (or selective)")
-        offload = bool(getattr(plugin.cpu_offload, "offload_params", False)) \
-            if plugin.cpu_offload is not None else False
-        if offload and not cpu_offload:
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        if isinstance(plugin.cpu_offload, CPUOffloadPolicy) and not cpu_offload:
             raise ConfigError(
                 "accelerate's fsdp_offload_params is true but parallel.cpu_offload=false; "
                 "bitnet-train reads parallel.cpu_offload: set it to true (or the accelerate key "
                 "to false)")
         return "fsdp2"
     return "ddp" if strategy == "auto" else strategy
+
+
+def maybe_init_cpu_collectives(cpu_offload: bool) -> None:
+    """CPU offload on GPUs needs collectives on CPU tensors too (the gradient norm of offloaded
+    shards): start the process group as "cuda:nccl,cpu:gloo" (torchtitan's choice) before
+    accelerate starts an NCCL-only one. A no-op without offload, a GPU or several processes."""
+    import os
+
+    import torch.distributed as dist
+
+    if not (cpu_offload and torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1"))
+            > 1 and not dist.is_initialized()):
+        return
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="cuda:nccl,cpu:gloo")
 
 
 def build_mesh(device: torch.device):

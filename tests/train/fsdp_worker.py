@@ -228,12 +228,27 @@ def accelerate_prepare() -> dict[str, Any]:
     previous = acc.state.distributed_type, getattr(acc.state, "fsdp_plugin", None)
     acc.state.distributed_type, acc.state.fsdp_plugin = DistributedType.FSDP, plugin
     try:
+        from bitnet_train.errors import ConfigError
+        from bitnet_train.train.sharding import resolve_strategy
+
+        refused = []
+        assert resolve_strategy("auto", acc) == "fsdp2"  # the launch selects our FSDP2
+        for strategy, setting in (("ddp", None), ("auto", "activation_checkpointing")):
+            if setting:
+                setattr(plugin, setting, True)
+            try:
+                resolve_strategy(strategy, acc)
+            except ConfigError as err:
+                refused.append(str(err).split(":")[0])
+            if setting:
+                setattr(plugin, setting, False)
         model = build_model(tiny_config(tie_word_embeddings=True), seed=0)
         opt = torch.optim.AdamW(param_groups(model), lr=1e-3)
         model, opt = acc.prepare(model, opt)
         held = {id(p) for g in opt.param_groups for p in g["params"]}
         return {"tied": model.lm_head.weight is model.model.embed_tokens.weight,
-                "not_in_optimizer": [n for n, p in model.named_parameters() if id(p) not in held]}
+                "not_in_optimizer": [n for n, p in model.named_parameters() if id(p) not in held],
+                "refused": refused}
     finally:
         acc.state.distributed_type, acc.state.fsdp_plugin = previous
 

@@ -122,3 +122,33 @@ def test_parallel_config_and_strategy():
     acc = Accelerator(cpu=True)  # a plain (not FSDP) launch
     assert resolve_strategy("auto", acc) == "ddp"
     assert resolve_strategy("fsdp2", acc) == "fsdp2"
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp2", "fsdp2_two_nodes"])
+def test_accelerate_configs_launch_what_they_say(name, monkeypatch):
+    """configs/accelerate/*.yaml through accelerate's own launch parsing: the environment it
+    hands the processes selects our FSDP2 (or DDP), with nothing of accelerate's FSDP that
+    bitnet-train would refuse (its activation checkpointing, offload, model loading)."""
+    from pathlib import Path
+
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / f"{name}.yaml"
+    args = launch_command_parser().parse_args(["--config_file", str(config), "train.py"])
+    args, _, _ = _validate_launch_command(args)
+    env = prepare_multi_gpu_env(args)
+    if name == "ddp":
+        assert "ACCELERATE_USE_FSDP" not in env and args.num_processes == 8
+        return
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    assert args.num_processes == (16 if name == "fsdp2_two_nodes" else 8)
+    for key, value in env.items():
+        if key.startswith(("FSDP_", "ACCELERATE_")):
+            monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and not plugin.activation_checkpointing
+    assert not isinstance(plugin.cpu_offload, CPUOffloadPolicy)
+    assert not plugin.cpu_ram_efficient_loading
