@@ -83,6 +83,7 @@ def equality(work: Path) -> dict:
         if not precompute:
             out["dpo_reference"] = type(dpo.trainer.objective.reference).__name__
     out["fused_kernels"] = fused_kernels_under_fsdp()
+    out["ternary_uneven_shards"] = ternary_scale_over_whole_weight()
     out["init_equal"] = meta_init_equals_eager()
     out["all_gather_bytes"] = all_gather_bytes()
     out["accelerate_fsdp2"] = accelerate_prepare()
@@ -165,6 +166,36 @@ def fused_kernels_under_fsdp() -> dict[str, Any]:
     return {"loss": float(sum(losses) / 2), "whole_loss": float(loss.detach()), "worst_grad": worst,
             "codes_from_whole_weight": codes_ok, "refreshed_after_step": torch.equal(
                 layer.qkv_codes, fresh) and not torch.equal(before, fresh)}
+
+
+def ternary_scale_over_whole_weight() -> dict[str, float]:
+    """Ternary all-gather when the two shards of every projection differ tenfold in scale (rows
+    of the second half x10): a per-shard absmean would give other codes; the whole tensor's
+    gives the unsharded model's loss. Also with an MLP width that FSDP2 shards unevenly
+    (gate/up rows and down columns odd: int8 codes, padded, instead of packed)."""
+    from bitnet_train.model import build_model
+    from bitnet_train.train.parallelize import FSDPSettings, parallelize
+    from bitnet_train.train.sharding import build_mesh, build_meta_model, init_sharded
+    from tests.conftest import tiny_config
+
+    cpu = torch.device("cpu")
+    out = {}
+    for name, config in (("even", tiny_config()),
+                         ("uneven", tiny_config(hidden_size=60, num_attention_heads=3,
+                                                num_key_value_heads=1, intermediate_size=91))):
+        whole = build_model(config, seed=1)
+        with torch.no_grad():
+            for module in whole.bitlinear_modules().values():
+                module.weight[module.weight.shape[0] // 2:] *= 10.0
+        state = {k: v.clone() for k, v in whole.state_dict().items()}
+        ids = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(4))
+        model, _ = build_meta_model(config)
+        parallelize(model, cpu, kernels="reference", attention="sdpa",
+                    fsdp=FSDPSettings(mesh=build_mesh(cpu), ternary_all_gather=True))
+        init_sharded(model, cpu, seed=0, state=state)
+        out[name] = abs(float(model(ids, labels=ids).loss.detach())
+                        - float(whole(ids, labels=ids).loss.detach()))
+    return out
 
 
 def all_gather_bytes() -> dict[str, int]:

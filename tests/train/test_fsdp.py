@@ -110,6 +110,9 @@ def test_fsdp2_and_ddp_equal_one_process(work):
     # before the fp32 reduce-scatter sums them (2^-8 relative); codes from a shard would be O(1)
     assert fused["worst_grad"] < 1e-2, fused
     assert fused["codes_from_whole_weight"] and fused["refreshed_after_step"]
+    # ternary all-gather quantizes each shard with the WHOLE tensor's absmean
+    assert got["ternary_uneven_shards"]["even"] < 1e-5, got["ternary_uneven_shards"]
+    assert got["ternary_uneven_shards"]["uneven"] < 1e-5, got["ternary_uneven_shards"]
     assert got["init_equal"] is True
     b = got["all_gather_bytes"]
     # same collectives, fewer bytes: the BitLinear weights as 2-bit codes (1/16 of fp32)

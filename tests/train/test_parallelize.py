@@ -152,3 +152,16 @@ def test_accelerate_configs_launch_what_they_say(name, monkeypatch):
     assert plugin.fsdp_version == 2 and not plugin.activation_checkpointing
     assert not isinstance(plugin.cpu_offload, CPUOffloadPolicy)
     assert not plugin.cpu_ram_efficient_loading
+
+
+def test_a_parameter_no_optimizer_holds_stops_the_run():
+    """What accelerate's FSDP2 preparation did to the untied lm_head: trained with no
+    optimizer, it would stay at its random init; the run refuses to start, naming it."""
+    from bitnet_train.errors import TrainingError
+    from bitnet_train.train.trainer import check_optimizer_covers
+
+    model = build_model(tiny_config(tie_word_embeddings=False), seed=0)
+    check_optimizer_covers(model, torch.optim.AdamW(model.parameters()))
+    held = [p for n, p in model.named_parameters() if n != "lm_head.weight"]
+    with pytest.raises(TrainingError, match="lm_head.weight"):
+        check_optimizer_covers(model, torch.optim.AdamW(held))
