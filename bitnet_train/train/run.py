@@ -194,44 +194,12 @@ def run(cfg: TrainConfig, resolved_yaml: str | None = None,
         # the released 2B4T template; saved with the tokenizer, so exports carry it
         tokenizer.chat_template = CHAT_TEMPLATE
     strategy = resolve_strategy(cfg.parallel.strategy, accelerator, cfg.parallel.cpu_offload)
-    # FSDP2 over several processes: build on the meta device, fill the shards after sharding
+    # FSDP2 over several processes: built on the meta device, shards filled after sharding
     sharded = strategy == "fsdp2" and accelerator.num_processes > 1
-    initial_state = None
-    if sharded:
-        model, initial_state = build_meta_model(cfg.model.architecture(), cfg.model.init)
-        if cfg.model.init:
-            check_same_architecture(cfg.model.architecture(), model.config,
-                                    source=cfg.model.init)
-    else:
-        model = build_or_load_model(cfg.model, cfg.seed)
-    if len(tokenizer) > model.config.vocab_size:
-        raise ConfigError(
-            f"tokenizer {cfg.tokenizer} has {len(tokenizer)} tokens but model.vocab_size="
-            f"{model.config.vocab_size}; use a model config whose vocab_size covers the tokenizer"
-        )
-    model.config.bos_token_id = model.config.bos_token_id or tokenizer.bos_token_id
-    model.config.eos_token_id = model.config.eos_token_id or tokenizer.eos_token_id
-    model.train()
-    objective = build_objective(cfg, model)
-    device = accelerator.device
-    fsdp = fsdp_settings(cfg.parallel, device) if sharded else None
-    applied = parallelize(model, device, kernels=cfg.trainer.kernels,
-                          attention=cfg.trainer.attention, compile=cfg.trainer.compile,
-                          activation_checkpointing=cfg.trainer.activation_checkpointing,
-                          fsdp=fsdp)
+    model, objective, applied = build_parallel_model(cfg, accelerator.device, tokenizer, sharded)
+    if strategy == "fsdp2" and not sharded:  # one process: the whole model, no accelerate
+        model.to(accelerator.device)
     log.info("fast paths: %s (strategy %s)", applied, strategy)
-    reference = getattr(objective, "reference", None)
-    if reference is not None:  # the frozen DPO reference runs the same forward, as fast
-        parallelize(reference, device, kernels=cfg.trainer.kernels,
-                    attention=cfg.trainer.attention, compile=cfg.trainer.compile, fsdp=fsdp)
-    if sharded:
-        for m in (model, reference):
-            if m is not None:
-                init_sharded(m, torch.device("cpu") if cfg.parallel.cpu_offload else device,
-                             cfg.seed, initial_state)
-        del initial_state
-    elif strategy == "fsdp2":  # one process: the whole model, no accelerate wrapper
-        model.to(device)
     optimizer = build_optimizer(model, cfg)
     if applied["kernels"] == "triton":
         from bitnet_train.kernels.modules import watch_optimizer
@@ -304,6 +272,44 @@ def run(cfg: TrainConfig, resolved_yaml: str | None = None,
             tracker.finish()
     return RunResult(output_dir=output_dir, final_dir=final_dir, history=trainer.history,
                      trainer=trainer)
+
+
+def build_parallel_model(cfg: TrainConfig, device: torch.device, tokenizer: Any, sharded: bool
+                         ) -> tuple[BitNetForCausalLM, Any, dict[str, str | bool]]:
+    """model -> objective (DPO: its frozen reference) -> parallelize both -> (sharded) fill the
+    shards; returns (model, objective, what parallelize applied)."""
+    initial_state = None
+    if sharded:
+        model, initial_state = build_meta_model(cfg.model.architecture(), cfg.model.init)
+        if cfg.model.init:
+            check_same_architecture(cfg.model.architecture(), model.config,
+                                    source=cfg.model.init)
+    else:
+        model = build_or_load_model(cfg.model, cfg.seed)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ConfigError(
+            f"tokenizer {cfg.tokenizer} has {len(tokenizer)} tokens but model.vocab_size="
+            f"{model.config.vocab_size}; use a model config whose vocab_size covers the tokenizer"
+        )
+    model.config.bos_token_id = model.config.bos_token_id or tokenizer.bos_token_id
+    model.config.eos_token_id = model.config.eos_token_id or tokenizer.eos_token_id
+    model.train()
+    objective = build_objective(cfg, model)
+    fsdp = fsdp_settings(cfg.parallel, device) if sharded else None
+    fast = dict(kernels=cfg.trainer.kernels, attention=cfg.trainer.attention,
+                compile=cfg.trainer.compile, fsdp=fsdp)
+    ac = cfg.trainer.activation_checkpointing
+    applied = parallelize(model, device, activation_checkpointing=ac, **fast)
+    reference = getattr(objective, "reference", None)
+    if reference is not None:  # the frozen DPO reference runs the same forward, as fast
+        parallelize(reference, device, **fast)
+    if sharded:
+        # CPU offload: shards (and the optimizer) in CPU memory, buffers where the compute is
+        shard_device = torch.device("cpu") if cfg.parallel.cpu_offload else device
+        for m in (model, reference):
+            if m is not None:
+                init_sharded(m, shard_device, cfg.seed, initial_state, buffer_device=device)
+    return model, objective, applied
 
 
 def resume_target(cfg: TrainConfig, checkpointer: Checkpointer) -> Path | None:

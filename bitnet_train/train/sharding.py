@@ -119,10 +119,16 @@ def write_shard(param: Tensor, value: Tensor) -> None:
 
 @torch.no_grad()
 def init_sharded(model: BitNetForCausalLM, device: torch.device, seed: int,
-                 state: dict[str, Tensor] | None = None) -> None:
+                 state: dict[str, Tensor] | None = None,
+                 buffer_device: torch.device | None = None) -> None:
     """Allocate the (sharded) parameters of a meta-built model on `device` and fill them: the
-    seeded init, or the whole tensors of `state`. Computed buffers (RoPE) are recomputed."""
+    seeded init, or the whole tensors of `state`. Buffers go to `buffer_device` (default
+    `device`; with CPU offload, the GPU), computed ones (RoPE) recomputed there."""
     model.to_empty(device=device)
+    if buffer_device is not None and buffer_device != device:
+        for module in model.modules():
+            for name, buf in module.named_buffers(recurse=False):
+                module._buffers[name] = buf.to(buffer_device)
     model.tie_weights()
     if state is None:
         model.init_weights(seed, write=write_shard)
