@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,16 +98,16 @@ def _selective_policy(saved: set[Any]):
 
 
 def _checkpointed(forward, mode: str):
-    """`forward` under non-reentrant activation checkpointing (full or selective)."""
+    """`forward(self, ...)` (a class's) under non-reentrant activation checkpointing."""
     kwargs: dict[str, Any] = {}
     if mode == "selective":
         kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts,
                                                  _selective_policy(_saved_ops()))
 
     @functools.wraps(forward)
-    def run(*args, **kw):
+    def run(self, *args, **kw):
         # no dropout in the model: nothing random to replay, so no RNG state to keep
-        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False,
+        return checkpoint(forward, self, *args, use_reentrant=False, preserve_rng_state=False,
                           **kwargs, **kw)
 
     run._ac_mode = mode  # type: ignore[attr-defined]
@@ -131,7 +132,9 @@ def apply_ac(model: BitNetForCausalLM, mode: str) -> None:
     for layer in model.model.layers:
         if getattr(layer.forward, "_ac_mode", None):
             continue  # already checkpointed
-        layer.forward = _checkpointed(layer.forward, mode)
+        # a method bound to the layer (not a closure over it): a deep copy of the model binds
+        # the copy's layers
+        layer.forward = types.MethodType(_checkpointed(type(layer).forward, mode), layer)
     log.info("activation checkpointing (%s) on %d decoder blocks", mode, len(model.model.layers))
 
 

@@ -55,6 +55,21 @@ def test_activation_checkpointing_same_gradients_names_and_what_it_recomputes():
         apply_ac(build_model(tiny_config()), "some")
 
 
+def test_a_copy_of_a_checkpointed_model_computes_with_its_own_weights():
+    """The DPO reference is a deep copy: its checkpointed blocks must run its own weights."""
+    import copy
+
+    model = build_model(tiny_config(), seed=0)
+    apply_ac(model, "full")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.model.layers.parameters():
+            p.copy_(torch.randn_like(p) * 0.02)
+    ids = torch.randint(3, 512, (1, 8))
+    assert not torch.allclose(twin(ids).logits, model(ids).logits)
+    assert twin.model.layers[0].forward.__self__ is twin.model.layers[0]
+
+
 def test_tied_lm_head_survives_the_meta_device():
     """accelerate's FSDP2 preparation moves the model to the meta device, which unties the
     lm_head, then calls `tie_weights()`: ours re-ties it (the cause of issue 9's divergence)."""
