@@ -41,11 +41,18 @@ def work(tmp_path_factory):
     return root
 
 
-def launch(task: str, work: Path, port: int) -> dict:
+def launch(task: str, work: Path, port: int, accelerate: bool = False) -> dict:
+    """fsdp_worker.py TASK on 2 processes: through torchrun, or `accelerate launch` (its
+    multi-GPU launcher; the workers still train on the CPU, trainer.device=cpu)."""
     out = work / f"{task}.json"
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(port)]
+    if accelerate:
+        launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "--main_process_port", str(port)]
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", str(port), str(ROOT / "tests/train/fsdp_worker.py"), task, str(work),
+        [sys.executable, *launcher, str(ROOT / "tests/train/fsdp_worker.py"), task, str(work),
          str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -130,7 +137,8 @@ def test_fsdp2_and_ddp_equal_one_process(work):
 
 @pytest.mark.slow
 def test_fsdp2_checkpoints_resume_on_1_and_2_processes(work, tmp_path):
-    """Sharded checkpoints (DCP, no rank gathers the model): a 2-process run resumed on 2
+    """Under `accelerate launch`. Sharded checkpoints (DCP, no rank gathers the model): a
+    2-process run resumed on 2
     processes, a 1-process run's checkpoint resumed on 2, and a 2-process run's checkpoint
     resumed on 1 all continue exactly as the run that wrote them (every logical data shard
     keeps its position); DIR/final of a sharded run loads whole and exports."""
@@ -144,7 +152,7 @@ def test_fsdp2_checkpoints_resume_on_1_and_2_processes(work, tmp_path):
     assert (ckpt / "model_optim" / ".metadata").is_file()
     assert not (ckpt / "model.safetensors").exists()  # sharded: nobody wrote the whole model
 
-    got = launch("resume", work, 29542)
+    got = launch("resume", work, 29542, accelerate=True)
     two = got["two"]
     assert_same_steps(got["two_resumed"], two[4:], ("loss", "grad_norm"), "2 -> 2")
     assert_same_steps(got["one_on_two"], single(one, "loss", "grad_norm")[4:],
