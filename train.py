@@ -3,9 +3,12 @@
 Single process (CPU or one GPU):
     python train.py +recipe=demo_pretrain
     python train.py +recipe=demo_pretrain trainer.max_steps=50 output_dir=outputs/try
-One node, several GPUs:
+One node, several GPUs (DDP, or FSDP2 applied by bitnet-train):
     accelerate launch --num_processes 8 train.py +recipe=pretrain_2b4t
-Several nodes: `accelerate launch --num_machines N --machine_rank R --main_process_ip HOST ...`.
+    accelerate launch --config_file bitnet_train/configs/accelerate/fsdp2.yaml \
+        train.py +recipe=pretrain_2b4t
+Several nodes: bitnet_train/configs/accelerate/fsdp2_two_nodes.yaml, the same command on every
+    host with its --machine_rank.
 Print the composed config without running: python train.py +recipe=pretrain_2b4t --cfg job
 """
 

@@ -25,6 +25,7 @@ draws the training examples from the rest; `dataset.heldout` serves them, packed
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -109,6 +110,15 @@ class EpochDataset:
 
     def collate(self, rows: list[int]) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    def for_rank(self, rank: int, world_size: int) -> EpochDataset:
+        """The same rows, split for `rank` of `world_size` instead, at the start of epoch 0
+        (a shallow copy: the encoded rows are shared). Logical data shards use it."""
+        if not 0 <= rank < world_size or self.num_rows < world_size:
+            raise ConfigError(f"cannot split {self.num_rows} rows as rank {rank} of {world_size}")
+        view = copy.copy(self)
+        view.rank, view.world_size, view.epoch, view.rows_done = rank, world_size, 0, 0
+        return view
 
     def __len__(self) -> int:
         """Rows this rank sees per epoch."""

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from bitnet_train.atomic import atomic_directory
 from bitnet_train.data.chat import EOT_TOKEN
@@ -116,6 +117,10 @@ def state_for_saving(
         if name in skip or (name == LM_HEAD and model.config.tie_word_embeddings):
             continue
         t = tensor.detach()
+        if isinstance(t, DTensor):
+            raise ExportError(
+                f"{name} is a shard of an FSDP2-sharded model: gather the model whole first "
+                "(bitnet_train.train.sharding.gather_full_model; the trainer does it for final/)")
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         state[name] = t.to("cpu", copy=True).contiguous()

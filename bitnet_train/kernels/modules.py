@@ -9,11 +9,17 @@ reference, loss and every gradient.
 
 Ternary codes are computed once per optimizer step, not per micro-batch and call: the layer
 keeps them in non-persistent buffers (int8 codes and a per-row scale for each stacked group),
-and a forward pre-hook on the model recomputes the stale ones before the next forward. A group
+and a forward pre-hook on each fused layer recomputes its stale ones before its forward. A group
 is stale when the optimizer stepped (`watch_optimizer` registers a step hook: fused AdamW updates
 parameters without bumping their version counters) or when one of its weights changed in place
 otherwise (`Tensor._version`: `copy_`, `load_state_dict`). `refresh_ternary_codes(model,
 force=True)` recomputes everything, for writes that bypass both (through `.data`).
+
+Under FSDP2 the weights are DTensor shards outside a block's forward; the hook is on the layer
+itself and FSDP's all-gather hook runs first (it is prepended), so the codes are computed from
+the whole weight (the per-tensor absmean over every element, never a shard's). The gathered
+weight is rewritten by every all-gather, so there staleness is the step hook alone (and
+`mark_ternary_codes_stale`, which the sharded loaders call).
 """
 
 from __future__ import annotations
@@ -68,10 +74,13 @@ class FusedBitNetDecoderLayer(BitNetDecoderLayer):
     def refresh_codes(self, force: bool = False) -> int:
         """Recompute the codes of every group whose weights changed; returns how many."""
         refreshed = 0
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded = isinstance(self, FSDPModule)
         for group in GROUPS:
             weights = self._weights(group)
-            key = tuple((w._version, w.data_ptr()) for w in weights)
-            if not force and self._code_keys.get(group) == key:
+            key = None if sharded else tuple((w._version, w.data_ptr()) for w in weights)
+            if not force and group in self._code_keys and self._code_keys[group] == key:
                 continue
             codes, scale = getattr(self, f"{group}_codes"), getattr(self, f"{group}_scale")
             if codes.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
@@ -97,6 +106,7 @@ def _to_fused(layer: BitNetDecoderLayer) -> FusedBitNetDecoderLayer:
         fused.register_buffer(f"{group}_scale", torch.zeros(rows, dtype=torch.float32,
                                                             device=dev), persistent=False)
     fused._code_keys = {}
+    fused.register_forward_pre_hook(_refresh_hook)
     return fused
 
 
@@ -120,8 +130,9 @@ def watch_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
     optimizer.register_step_post_hook(lambda *_: mark_ternary_codes_stale(model))
 
 
-def _refresh_hook(module: nn.Module, args: Any) -> None:
-    refresh_ternary_codes(module)
+@torch._dynamo.disable  # runs eagerly before a compiled block (as FSDP's own hooks do)
+def _refresh_hook(layer: FusedBitNetDecoderLayer, args: Any) -> None:
+    layer.refresh_codes()
 
 
 def apply_kernels(model: BitNetForCausalLM) -> bool:
@@ -133,9 +144,7 @@ def apply_kernels(model: BitNetForCausalLM) -> bool:
         return False
     for layer in model.model.layers:
         if not isinstance(layer, FusedBitNetDecoderLayer):
+            # the codes are computed at the layer's first forward, on its device by then
             _to_fused(layer)
-    if not getattr(model, "_ternary_refresh_hook", None):
-        # the codes are computed at the first forward, on whatever device the model is by then
-        model._ternary_refresh_hook = model.register_forward_pre_hook(_refresh_hook)
     log.debug("fused Triton kernels in %d decoder layers", len(model.model.layers))
     return True

@@ -57,8 +57,17 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """(Re)compute the frequencies, e.g. after a model built on the meta device is
+        materialised (the buffer is not in the state dict)."""
+        self.inv_freq.copy_(1.0 / (self.theta ** (
+            torch.arange(0, self.head_dim, 2, dtype=torch.float, device=self.inv_freq.device)
+            / self.head_dim)))
 
     def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """position_ids (B, L) -> cos, sin each (B, L, head_dim), in `dtype`."""
@@ -221,12 +230,19 @@ class BitNetForCausalLM(nn.Module):
         self.config = config
         self.model = BitNetModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        self.tie_weights()
+        if self.lm_head.weight.device.type != "meta":  # a meta model is initialised once sharded
+            self.init_weights()
+
+    def tie_weights(self) -> None:
+        """lm_head shares the embedding matrix when `config.tie_word_embeddings` (transformers'
+        name: accelerate calls it after moving a model to the meta device, which unties)."""
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
+    def init_weights(self, seed: int | None = None,
+                     write: Callable[[Tensor, Tensor], None] | None = None) -> None:
         """Normal(0, initializer_range) for every matrix; residual outputs (o_proj, down_proj)
         scaled by 1/sqrt(2 * layers) (GPT-2 / OLMo); norm weights 1.
 
@@ -234,7 +250,13 @@ class BitNetForCausalLM(nn.Module):
         depth scaling still controls how fast the residual stream grows; the sub-norms keep each
         branch's input at unit RMS. Latent weights of std 0.02 sit where LRs around 1e-3 flip a
         useful fraction of ternary codes per step, which is what BitNet training relies on.
+
+        Every value is drawn on the CPU, whole tensor by whole tensor in module order, so the
+        weights depend on the seed only. `write(param, value)` stores a whole fp32 CPU tensor
+        into `param` (default: a copy); a sharded parameter keeps its own shard of it, which
+        gives a sharded model exactly the weights of an unsharded one (train.parallelize).
         """
+        write = write or (lambda p, v: p.copy_(v))
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         std = self.config.initializer_range
         resid_std = std / math.sqrt(2 * self.config.num_hidden_layers)
@@ -242,9 +264,9 @@ class BitNetForCausalLM(nn.Module):
             if isinstance(module, BitLinear | nn.Linear | nn.Embedding):  # every matrix
                 s = resid_std if name.endswith(("o_proj", "down_proj")) else std
                 w = module.weight
-                w.copy_(torch.randn(w.shape, generator=gen, dtype=torch.float32).mul_(s).to(w))
+                write(w, torch.randn(w.shape, generator=gen, dtype=torch.float32).mul_(s))
             elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
+                write(module.weight, torch.ones(module.weight.shape))
 
     def forward(
         self,

@@ -31,6 +31,8 @@ from bitnet_train.model.config import BitNetConfig
 from bitnet_train.train.schedules import ScheduleConfig
 
 OBJECTIVES = ("pretrain", "sft", "dpo")
+AC_MODES = ("none", "full", "selective")
+STRATEGIES = ("auto", "ddp", "fsdp2")
 
 
 @dataclass
@@ -152,6 +154,11 @@ class TrainerConfig:
     attention: str = "auto"
     """auto | flex | sdpa. flex: FlexAttention with a block-sparse document-causal mask; sdpa:
     scaled_dot_product_attention with a dense mask (the reference). auto: flex on CUDA."""
+    activation_checkpointing: str = "none"
+    """none | full | selective, per decoder block. full: keep only each block's input and
+    recompute the block in backward (the least memory); selective: keep the outputs of the
+    matrix products and attention, recompute the elementwise work around them (quantizers,
+    norms, RoPE, the activation: cheap to redo, costly to keep)."""
     peak_tflops: float = 0.0
     """Accelerator bf16 dense peak for the MFU estimate; 0: guess from the device name."""
     progress_bar: bool = True
@@ -199,6 +206,54 @@ class TrainerConfig:
         if self.eval_every > 0 and self.eval_size < 1:
             raise ConfigError(f"trainer.eval_size={self.eval_size}: held-out evaluation "
                               "(trainer.eval_every > 0) needs at least 1 item per source")
+        if self.activation_checkpointing not in AC_MODES:
+            raise ConfigError(f"trainer.activation_checkpointing="
+                              f"{self.activation_checkpointing!r}: none|full|selective")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is spread over processes (bitnet_train.train.parallelize)."""
+
+    strategy: str = "auto"
+    """auto | ddp | fsdp2. ddp: every process holds the whole model, gradients all-reduced
+    (accelerate's DDP). fsdp2: parameters, gradients and optimizer states sharded over the
+    processes with torch's fully_shard, one group per decoder block plus the root, applied by
+    bitnet-train itself; checkpoints sharded (torch.distributed.checkpoint). auto: fsdp2 when
+    accelerate was launched with FSDP version 2 (bitnet_train/configs/accelerate/fsdp2.yaml),
+    else ddp."""
+    param_dtype: str = "float32"
+    """FSDP2: dtype the parameters are all-gathered in (float32 | bfloat16); gradients are
+    always reduced in float32. float32 computes exactly what DDP computes (ternary codes from
+    the fp32 master weights, the residual stream in fp32 under bf16 autocast). bfloat16 halves
+    the all-gather bytes but rounds every weight to bf16 before it is ternarized, and the
+    embeddings feed the residual stream in bf16. ternary_all_gather keeps the contract at a
+    sixteenth of the float32 bytes for the projections."""
+    reshard_after_forward: bool = True
+    """FSDP2: free each block's gathered weights after its forward and gather them again for
+    its backward (ZeRO-3; less memory). false: keep them between forward and backward (fewer
+    all-gathers, ZeRO-2-like memory)."""
+    cpu_offload: bool = False
+    """FSDP2: keep sharded parameters, gradients and optimizer states in CPU memory (the
+    optimizer step runs on the CPU); for models that do not fit otherwise."""
+    ternary_all_gather: bool = False
+    """FSDP2: all-gather each BitLinear weight as 2-bit ternary codes quantized on its fp32
+    shard with the whole tensor's absmean (one all-reduce of partial sums per step for all
+    layers), instead of float weights. Embeddings and norms are gathered in param_dtype."""
+    data_shards: int = 0
+    """Logical data streams of the run, fixed when it starts (0: the number of processes then).
+    Process r of W reads shards r, r + W, ... in turn, so a checkpoint resumes on any number of
+    processes that divides data_shards, each stream continuing exactly where it stopped (see
+    bitnet_train/train/data_shards.py)."""
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"parallel.strategy={self.strategy!r}: auto|ddp|fsdp2")
+        if self.param_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"parallel.param_dtype={self.param_dtype!r}: float32|bfloat16")
+        if self.data_shards < 0:
+            raise ConfigError(f"parallel.data_shards={self.data_shards}: must be >= 0 "
+                              "(0: the number of processes at the start of the run)")
 
 
 @dataclass
@@ -225,6 +280,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     tokenizer: str = "microsoft/bitnet-b1.58-2B-4T"

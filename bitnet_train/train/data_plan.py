@@ -21,9 +21,9 @@ from torch import Tensor
 
 from bitnet_train.data.pretrain import build_pretrain_stream
 from bitnet_train.errors import ConfigError, TrainingError
+from bitnet_train.train.batch_plan import BatchPlan
 from bitnet_train.train.config import TrainConfig
 from bitnet_train.train.schedules import ScheduleConfig, stage_at, stage_boundary_step
-from bitnet_train.train.trainer import BatchPlan
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +67,23 @@ class PretrainPlan(BatchPlan):
     def log_metrics(self, accelerator) -> dict[str, float]:
         """Realised token share per source over the current stage and tokens per source over
         the run (summed over ranks), and the epoch each source is in (this rank's)."""
-        stats = self.stream.stats()
-        stage_n = [stats["stage_tokens"].get(n, 0) for n in self._names]
-        run_n = [stats["packed_tokens"].get(n, 0) for n in self._names]
+        return self.log_metrics_of([self], accelerator)
+
+    @staticmethod
+    def log_metrics_of(plans: list[PretrainPlan], accelerator) -> dict[str, float]:
+        """`log_metrics` over the streams of every plan this process reads (its data shards),
+        with one all-reduce."""
+        names = plans[0]._names
+        every = [p.stream.stats() for p in plans]
+        stats = every[0]
+        stage_n = [sum(st["stage_tokens"].get(n, 0) for st in every) for n in names]
+        run_n = [sum(st["packed_tokens"].get(n, 0) for st in every) for n in names]
         counts = torch.tensor(stage_n + run_n, dtype=torch.float64, device=accelerator.device)
         counts = accelerator.reduce(counts, reduction="sum").tolist()
-        stage_n, run_n = counts[:len(self._names)], counts[len(self._names):]
+        stage_n, run_n = counts[:len(names)], counts[len(names):]
         total = sum(stage_n) or 1.0
         out: dict[str, float] = {"data/stage": float(stats["stage"])}
-        for name, s, r in zip(self._names, stage_n, run_n):
+        for name, s, r in zip(names, stage_n, run_n):
             if name in stats["stage_tokens"]:
                 out[f"data/token_share/{name}"] = s / total
             out[f"data/tokens/{name}"] = r
@@ -125,16 +133,19 @@ class EpochPlan(BatchPlan):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.dataset.load_state_dict(state["dataset"])  # validates data / world size unchanged
 
-    def all_rows(self) -> np.ndarray:
+    def all_rows(self, unique: bool = True) -> np.ndarray:
         """Every row this rank visits in the plan's steps: every epoch's, or fewer when
-        trainer.max_steps ends the run early (precomputed reference log-probs cover these)."""
+        trainer.max_steps ends the run early (precomputed reference log-probs cover these).
+        unique=False: in visiting order, repeats included (the same count on every rank)."""
         rows = []
         for step in range(self.total_steps):
             epoch, k = divmod(step, self.steps_per_epoch)
             first = k * self.grad_accum * self.micro
             last = min((k + 1) * self.grad_accum, self.batches_per_epoch) * self.micro
             rows.append(self.dataset.rank_rows(epoch)[first:last])
-        return np.unique(np.concatenate(rows)) if rows else np.zeros(0, dtype=np.int64)
+        if not rows:
+            return np.zeros(0, dtype=np.int64)
+        return np.unique(np.concatenate(rows)) if unique else np.concatenate(rows)
 
 
 @torch.no_grad()
@@ -155,21 +166,35 @@ def reference_logps_table(dataset, rows: np.ndarray, reference, device, micro: i
     return table
 
 
-def precompute_reference_logps(plan: EpochPlan, reference, device, loss_impl: str) -> None:
+def precompute_reference_logps(plan: EpochPlan, reference, device, loss_impl: str,
+                               heldout: bool = True) -> None:
     """One pass of the frozen reference over every pair this rank will see (and the held-out
     pairs); then the reference can be freed. Stores the tables on the plan."""
-    plan.ref_logps = reference_logps_table(plan.dataset, plan.all_rows(), reference, device,
-                                           plan.micro, loss_impl)
-    if plan.heldout is not None:
+    from bitnet_train.train.parallelize import is_fsdp
+
+    # a sharded reference runs collectives in every forward: every process must run as many,
+    # so each takes its rows in visiting order (the same count everywhere), repeats included
+    rows = plan.all_rows(unique=not is_fsdp(reference))
+    plan.ref_logps = reference_logps_table(plan.dataset, rows, reference, device, plan.micro,
+                                           loss_impl)
+    if heldout and plan.heldout is not None:
         plan.heldout_ref_logps = reference_logps_table(
             plan.heldout, np.arange(plan.heldout.num_rows), reference, device, plan.micro,
             loss_impl)
 
 
-def build_batch_plan(cfg: TrainConfig, tokenizer, accelerator, objective) -> BatchPlan:
-    """The plan of `cfg.objective.name`'s data for this process; sets plan.total_steps.
+def build_batch_plan(cfg: TrainConfig, tokenizer, accelerator, objective,
+                     num_shards: int = 0) -> BatchPlan:
+    """The plan of `cfg.objective.name`'s data for this process: the logical data shards it
+    owns (train/data_shards.py; `num_shards` 0: one per process); sets plan.total_steps.
     `cfg` holds its derived values already (`with_derived_values`); nothing here changes it."""
+    from bitnet_train.train.data_shards import ShardedPlan, owned_shards, per_shard_accum
+
     rank, world = accelerator.process_index, accelerator.num_processes
+    num_shards = num_shards or world
+    shards = owned_shards(rank, world, num_shards)
+    # grad_accum is per process; each owned shard gives per_shard micro-batches of a step
+    per_shard = per_shard_accum(cfg.trainer.grad_accum, world, num_shards)
     name = cfg.objective.name
     # trainer.eval_every: a held-out set carved from the data before training (data.heldout)
     heldout = cfg.trainer.eval_size if cfg.trainer.eval_every > 0 else 0
@@ -185,40 +210,50 @@ def build_batch_plan(cfg: TrainConfig, tokenizer, accelerator, objective) -> Bat
                 log.info("held out %d rows of %d tokens per source (%s documents)", heldout,
                          cfg.data.seq_len, carved.documents())
         # grad_accum was derived from trainer.global_batch_tokens before config.yaml was written
-        plan = PretrainPlan(cfg.data, tokenizer, rank, world, cfg.trainer.micro_batch_size,
-                            cfg.trainer.max_steps, cfg.schedule,
-                            grad_accum=cfg.trainer.grad_accum,
-                            exclude=carved.exclude if carved else None)
-        plan.heldout = carved
-        plan.total_steps = cfg.trainer.max_steps
-        return plan
+        plans = {}
+        for s in shards:
+            plans[s] = PretrainPlan(cfg.data, tokenizer, s, num_shards,
+                                    cfg.trainer.micro_batch_size, cfg.trainer.max_steps,
+                                    cfg.schedule, grad_accum=per_shard,
+                                    exclude=carved.exclude if carved else None)
+            plans[s].total_steps = cfg.trainer.max_steps
+        sharded = ShardedPlan(plans, num_shards, per_shard)
+        sharded.heldout = carved  # the same held-out rows on every process
+        return sharded
     # the main process encodes first and fills datasets' cache; the others then read it
     with accelerator.main_process_first():
         if name == "sft":
             from bitnet_train.data.sft import build_sft_dataset
 
-            dataset = build_sft_dataset(cfg.data, tokenizer, rank=rank, world_size=world,
-                                        heldout=heldout)
+            dataset = build_sft_dataset(cfg.data, tokenizer, rank=shards[0],
+                                        world_size=num_shards, heldout=heldout)
         else:
             from bitnet_train.data.preference import build_preference_dataset
 
-            dataset = build_preference_dataset(cfg.data, tokenizer, rank=rank, world_size=world,
-                                               heldout=heldout)
+            dataset = build_preference_dataset(cfg.data, tokenizer, rank=shards[0],
+                                               world_size=num_shards, heldout=heldout)
     counts = dataset.log_dict()  # seen, kept, truncated, dropped ... per source, and totals
     if counts and accelerator.is_main_process:
         # truncated / dropped conversations and pairs are counted, never silent
         log.info("data: %s", ", ".join(f"{k.removeprefix('data/')}={v}"
                                        for k, v in counts.items() if "/total/" in k or
                                        k in ("data/rows", "data/examples_per_epoch")))
-    plan = EpochPlan(dataset, cfg.trainer.epochs, cfg.trainer.micro_batch_size,
-                     cfg.trainer.grad_accum)
-    plan.counts = counts
-    if cfg.trainer.max_steps:
-        plan.total_steps = min(plan.total_steps, cfg.trainer.max_steps)
+    plans = {}
+    for s in shards:
+        plan = EpochPlan(dataset if s == shards[0] else dataset.for_rank(s, num_shards),
+                         cfg.trainer.epochs, cfg.trainer.micro_batch_size, per_shard)
+        if cfg.trainer.max_steps:
+            plan.total_steps = min(plan.total_steps, cfg.trainer.max_steps)
+        if name == "dpo" and cfg.objective.precompute_reference:
+            precompute_reference_logps(plan, objective.reference, accelerator.device,
+                                       cfg.objective.loss_impl, heldout=s == shards[0])
+        plans[s] = plan
     if name == "dpo" and cfg.objective.precompute_reference:
-        precompute_reference_logps(plan, objective.reference, accelerator.device,
-                                   cfg.objective.loss_impl)
         objective.reference = None  # freed: batches now carry ref_logps
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return plan
+    sharded = ShardedPlan(plans, num_shards, per_shard)
+    sharded.counts = counts
+    first = plans[shards[0]]
+    sharded.heldout, sharded.heldout_ref_logps = first.heldout, first.heldout_ref_logps
+    return sharded

@@ -21,43 +21,28 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
-from bitnet_train.errors import CheckpointError, TrainingError
+from bitnet_train.errors import TrainingError
+from bitnet_train.train.batch_plan import BatchPlan
 from bitnet_train.train.checkpoint import Checkpointer
+from bitnet_train.train.data_shards import load_data_state, save_data_state
 from bitnet_train.train.divergence import DivergenceGuard
 from bitnet_train.train.objectives.base import Objective
+from bitnet_train.train.parallelize import is_fsdp
 from bitnet_train.train.schedules import ScheduleConfig, apply_schedule, stage_at
+from bitnet_train.train.state_io import AccelerateStateIO, StateIO
 
 log = logging.getLogger(__name__)
 
 # bf16 dense peaks (TFLOP/s) for the MFU estimate, by device-name fragment.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
-
-
-class BatchPlan:
-    """Where a run's micro-batches come from, step by step (see data_plan.py)."""
-
-    total_steps: int
-
-    def batches_for_step(self, step: int, grad_accum: int) -> list[dict[str, Tensor]]:
-        """The micro-batches of optimizer step `step` ([] when the data is exhausted)."""
-        raise NotImplementedError  # pragma: no cover - protocol
-
-    def state_dict(self) -> dict[str, Any]:  # pragma: no cover - protocol
-        raise NotImplementedError
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:  # pragma: no cover - protocol
-        raise NotImplementedError
-
-    def log_metrics(self, accelerator: Accelerator) -> dict[str, float]:
-        """Data metrics to log with the step's (e.g. realised token share per source); called
-        on every process, so it may all-reduce."""
-        return {}
 
 
 @dataclass
@@ -103,6 +88,7 @@ class Trainer:
         divergence: DivergenceGuard | None = None,
         evaluator: Callable[[nn.Module], dict[str, float]] | None = None,
         eval_every: int = 0,
+        state_io: StateIO | None = None,
     ) -> None:
         self.accelerator = accelerator
         self.model = model
@@ -127,6 +113,7 @@ class Trainer:
         self.eval_every = eval_every
         self.eval_history: list[StepResult] = []
         self._eval_postfix: dict[str, str] = {}
+        self.state_io: StateIO = state_io or AccelerateStateIO(accelerator)
         self.step = 0
         self.history: list[StepResult] = []
         self.last_checkpoint: str | None = None
@@ -151,10 +138,19 @@ class Trainer:
         """All-reduce (sum) a vector over processes, on the device, without a host sync."""
         return self.accelerator.reduce(values, reduction="sum")
 
+    def _sync_context(self, sync: bool):
+        """DDP: no all-reduce but on a step's last micro-batch. FSDP2 reduce-scatters every
+        micro-batch (keeping whole gradients between them would cost a whole fp32 model per
+        process, torchtitan's choice too); its root (embeddings, lm_head) stays gathered until
+        the last one, so they are all-gathered once per step rather than per micro-batch."""
+        if is_fsdp(self.model):
+            self.model.set_reshard_after_backward(sync, recurse=False)
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.model) if not sync else contextlib.nullcontext()
+
     def forward_backward_step(self, batch: dict[str, Tensor], scale: Tensor, sync: bool):
         """Forward one micro-batch and backpropagate `scale * loss_sum`."""
-        ctx = self.accelerator.no_sync(self.model) if not sync else contextlib.nullcontext()
-        with ctx, self.accelerator.autocast():
+        with self._sync_context(sync), self.accelerator.autocast():
             out = self.objective.micro_step(self.model, batch)
             self.accelerator.backward(out.loss_sum * scale)
         return out
@@ -173,7 +169,8 @@ class Trainer:
         count = self._reduce_sum(torch.tensor([float(local_count)], dtype=torch.float64,
                                               device=dev))
         world = self.accelerator.num_processes
-        # DDP averages gradients over processes: multiply by world to undo it
+        # DDP (and FSDP2's reduce-scatter) average gradients over processes: multiply by world
+        # to undo it
         scale = (world / count.clamp(min=1.0) if self.objective.reduction == "mean"
                  else torch.full_like(count, float(world))).float().squeeze(0)
         sums: dict[str, Tensor] = {}
@@ -366,7 +363,8 @@ class Trainer:
         return {"step": self.step, "divergence": self.divergence.state_dict()}
 
     def save_checkpoint(self) -> str:
-        """Accelerate state (model, optimizer, every rank's RNG) + data position, atomically.
+        """Model and optimizer (`state_io`: accelerate's state, or sharded for FSDP2) + data
+        position, atomically.
 
         Every rank writes into one staging directory (accelerate saves per-rank RNG files);
         only the main process creates it and publishes it (COMPLETE marker, rename), so a crash
@@ -384,9 +382,9 @@ class Trainer:
         staging = ckpt.staging_dir(self.step)
         try:
             with _without_tied_head_notice():
-                acc.save_state(str(staging))
-            # each rank reads its own shard of the data: one stream state per rank
-            torch.save(self.data.state_dict(), staging / f"data_state_rank{acc.process_index}.pt")
+                self.state_io.save(staging)
+            # each logical data shard's position, written by the process reading it
+            save_data_state(self.data, staging, acc.process_index)
             if acc.is_main_process:
                 torch.save(self.trainer_state(), staging / "trainer_state.pt")
                 if self.save_extra is not None:
@@ -435,6 +433,8 @@ class Trainer:
         tensors += [v for s in self.optimizer.state.values() for v in s.values()
                     if isinstance(v, Tensor)]
         for t in tensors:
+            if isinstance(t, DTensor):
+                t = t.to_local()  # this process's shard
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
@@ -442,21 +442,12 @@ class Trainer:
 
     def load_checkpoint(self, path) -> None:
         """Restore everything `save_checkpoint` wrote; training continues exactly."""
-        self.accelerator.load_state(str(path))
+        self.state_io.load(Path(path))
         state = torch.load(f"{path}/trainer_state.pt", weights_only=False)
         self.step = int(state["step"])
         if "divergence" in state:  # checkpoints from before the guard have none
             self.divergence.load_state_dict(state["divergence"])
-        data_file = f"{path}/data_state_rank{self.accelerator.process_index}.pt"
-        try:
-            data_state = torch.load(data_file, weights_only=False)
-        except FileNotFoundError as exc:
-            raise CheckpointError(
-                f"{path} has no data state for process {self.accelerator.process_index} "
-                f"({data_file}): it was written by fewer processes. Resume with the same number "
-                "of processes as the run that wrote it."
-            ) from exc
-        self.data.load_state_dict(data_state)
+        load_data_state(self.data, Path(path), self.accelerator.process_index)
         self.last_checkpoint = str(path)
         self.checkpointed_step = self.step
 
@@ -522,3 +513,21 @@ def check_gradients(model: nn.Module, step: int) -> None:
             "gradients, a frozen branch or a NaN in the data does this: rerun with "
             "trainer.compile=false trainer.kernels=reference to tell which."
         )
+
+
+def check_optimizer_covers(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Raise TrainingError naming every trainable parameter the optimizer does not update.
+
+    accelerate's FSDP2 preparation moves a model to the meta device and back; a model that
+    loses its weight tying there comes back with a separate lm_head that no optimizer group
+    holds, which then trains with a frozen random output layer (the FSDP2 run of issue 9
+    that fell behind DDP). Checked once, before the first step.
+    """
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+    if missing:
+        raise TrainingError(
+            f"{len(missing)} trainable parameter(s) are in no optimizer group: "
+            f"{', '.join(missing[:8])}. They would never be updated; a wrapper that replaced "
+            "parameters after the optimizer was built (or untied lm_head from the embeddings) "
+            "does this. Build the optimizer after parallelizing, and keep tied weights tied.")

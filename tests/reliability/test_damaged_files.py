@@ -28,7 +28,7 @@ from tests.train.helpers import make_tokenizer, pretrain_config, write_corpus
 
 RUN = ["trainer.max_steps=6", "trainer.checkpoint_every=2", "trainer.keep_last=3"]
 CHECKPOINT_FILES = ["model.safetensors", "optimizer.bin", "random_states_0.pkl",
-                    "data_state_rank0.pt", "trainer_state.pt", "metadata.json",
+                    "data_state_shard00000.pt", "trainer_state.pt", "metadata.json",
                     "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "COMPLETE"]
 
 

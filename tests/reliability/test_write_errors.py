@@ -133,8 +133,8 @@ CASES = {
         mp, "optimizer.bin", RuntimeError(TORCH_FULL)), None, False),
     "random_states_0.pkl": (lambda mp, root: _fail_torch_save(
         mp, "random_states_0.pkl", enospc()), None, True),
-    "data_state_rank0.pt": (lambda mp, root: _fail_torch_save(
-        mp, "data_state_rank0.pt", enospc()), None, True),
+    "data_state_shard00000.pt": (lambda mp, root: _fail_torch_save(
+        mp, "data_state_shard00000.pt", enospc()), None, True),
     "trainer_state.pt": (lambda mp, root: _fail_torch_save(
         mp, "trainer_state.pt", OSError(errno.EDQUOT, "Disk quota exceeded")), None, True),
     "tokenizer/": (lambda mp, root: _fail_tokenizer(mp, root, enospc()), None, True),

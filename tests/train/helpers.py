@@ -50,3 +50,53 @@ def pretrain_config(tmp: Path, corpus: Path, *overrides: str) -> TrainConfig:
         "trainer.checkpoint_every=0", "schedule.warmup_steps=2", "logger=none", *TINY_MODEL,
         *overrides,
     ]))
+
+
+QA = [
+    ("What is the capital of France?", "Paris is the capital of France."),
+    ("Name a primary colour.", "Red is a primary colour."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+    ("What do bees make?", "Bees make honey and wax."),
+    ("Which planet is red?", "Mars is the red planet."),
+    ("What is frozen water called?", "Frozen water is called ice."),
+]
+
+
+def write_chat_data(root: Path) -> Path:
+    """root/chat.jsonl (30 conversations), the demo preference pairs and a tokenizer with the
+    chat template, for SFT and DPO runs."""
+    from bitnet_train.data.chat import CHAT_TEMPLATE
+    from bitnet_train.data.demo_data import write_demo_pairs
+
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / "chat.jsonl").open("w") as f:
+        for i in range(30):
+            q, a = QA[i % len(QA)]
+            msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            if i % 3 == 0:
+                msgs.insert(0, {"role": "system", "content": "Answer in one sentence."})
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    write_demo_pairs(root)
+    texts = [q + " " + a for q, a in QA] * 20
+    texts += [json.loads(line)["prompt"] + " " + json.loads(line)["chosen"]
+              for line in (root / "pairs.jsonl").read_text().splitlines()[:400]]
+    tok = train_demo_tokenizer(texts, root / "tokenizer", vocab_size=500)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(root / "tokenizer"))
+    return root
+
+
+def chat_config(recipe: str, root: Path, out: Path, *overrides: str) -> TrainConfig:
+    """A demo SFT / DPO recipe on the tiny model and `root`'s tokenizer, logging off."""
+    return to_train_config(compose([
+        f"+recipe={recipe}", f"tokenizer={root / 'tokenizer'}", f"output_dir={out}",
+        "model.init=null", "trainer.progress_bar=false", "trainer.log_every=1000", *TINY_MODEL,
+        *overrides,
+    ]))
+
+
+def bitlinear_modules(model) -> dict:
+    """name -> BitLinear of every ternary projection in `model`."""
+    from bitnet_train.model.bitlinear import BitLinear
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, BitLinear)}

@@ -3,67 +3,28 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
 
-from bitnet_train.data.chat import CHAT_TEMPLATE
-from bitnet_train.data.demo_data import write_demo_pairs
 from bitnet_train.data.preference import build_preference_dataset
 from bitnet_train.data.sft import build_sft_dataset
-from bitnet_train.data.tokenizer import load_tokenizer, train_demo_tokenizer
+from bitnet_train.data.tokenizer import load_tokenizer
 from bitnet_train.model import BitNetForCausalLM
-from bitnet_train.train.config import compose, to_train_config
 from bitnet_train.train.objectives.dpo import DPOObjective, evaluate_preferences, make_reference
 from bitnet_train.train.run import run
 from tests.conftest import tiny_config
-from tests.train.helpers import TINY_MODEL
-
-QA = [
-    ("What is the capital of France?", "Paris is the capital of France."),
-    ("Name a primary colour.", "Red is a primary colour."),
-    ("How many legs does a spider have?", "A spider has eight legs."),
-    ("What do bees make?", "Bees make honey and wax."),
-    ("Which planet is red?", "Mars is the red planet."),
-    ("What is frozen water called?", "Frozen water is called ice."),
-]
-
-
-def _chat_file(path: Path) -> Path:
-    with path.open("w") as f:
-        for i in range(30):
-            q, a = QA[i % len(QA)]
-            msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-            if i % 3 == 0:
-                msgs.insert(0, {"role": "system", "content": "Answer in one sentence."})
-            f.write(json.dumps({"messages": msgs}) + "\n")
-    return path
+from tests.train.helpers import QA, chat_config, write_chat_data
 
 
 @pytest.fixture(scope="module")
 def chat_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sftdpo")
-    _chat_file(root / "chat.jsonl")
-    write_demo_pairs(root)
-    texts = [q + " " + a for q, a in QA] * 20
-    texts += [json.loads(line)["prompt"] + " " + json.loads(line)["chosen"]
-              for line in (root / "pairs.jsonl").read_text().splitlines()[:400]]
-    tok = train_demo_tokenizer(texts, root / "tokenizer", vocab_size=500)
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(str(root / "tokenizer"))
-    return root
+    return write_chat_data(tmp_path_factory.mktemp("sftdpo"))
 
 
-def _cfg(recipe: str, root: Path, out: Path, *overrides: str):
-    return to_train_config(compose([
-        f"+recipe={recipe}", f"tokenizer={root / 'tokenizer'}", f"output_dir={out}",
-        "model.init=null", "trainer.progress_bar=false", "trainer.log_every=1000", *TINY_MODEL,
-        *overrides,
-    ]))
+_cfg = chat_config
 
 
 def test_sft_trains_assistant_tokens_only(chat_dir, tmp_path):

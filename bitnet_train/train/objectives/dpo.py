@@ -37,12 +37,21 @@ def make_reference(model: nn.Module) -> nn.Module:
     return ref
 
 
+def release(ref: nn.Module | None) -> None:
+    """Free the gathered weights of an FSDP2-sharded reference (its root keeps them gathered
+    after forward, which a frozen model never needs); a no-op for a whole model."""
+    if ref is not None and hasattr(ref, "reshard"):
+        ref.reshard()
+
+
 @torch.no_grad()
 def reference_logps(ref: nn.Module, batch: dict[str, Tensor], loss_impl: str = "auto") -> Tensor:
     """(2B,) summed response log-probs of the reference."""
     labels = batch["labels"]
-    return ref(**model_inputs(batch),
-               head_fn=lambda h, w: sequence_logps(h, w, labels, impl=loss_impl))
+    out = ref(**model_inputs(batch),
+              head_fn=lambda h, w: sequence_logps(h, w, labels, impl=loss_impl))
+    release(ref)
+    return out
 
 
 class DPOObjective:
@@ -57,8 +66,8 @@ class DPOObjective:
         self.reference = reference
 
     def setup(self, model: nn.Module, accelerator) -> None:
-        if self.reference is not None:
-            self.reference.to(accelerator.device)
+        if self.reference is not None and not hasattr(self.reference, "reshard"):
+            self.reference.to(accelerator.device)  # a sharded (FSDP2) reference is placed
 
     def count(self, batch: dict[str, Tensor]) -> int:
         return batch["input_ids"].shape[0] // 2
@@ -86,6 +95,7 @@ class DPOObjective:
             head_fn=lambda h, w: fused_linear_dpo(h, w, labels, beta=self.beta,
                                                   impl=self.loss_impl, **ref_kw),
         )
+        release(self.reference)  # the Liger path read the reference's gathered lm_head
         # losses return means over this micro-batch's pairs; the trainer wants sums
         sums = {k: metrics[k].detach().float() * pairs for k in METRICS if k in metrics}
         sums["loss"] = loss.detach().float() * pairs
