@@ -304,11 +304,41 @@ def resume(work: Path) -> dict:
     return out
 
 
+FOUR = ["trainer.max_steps=6", "trainer.checkpoint_every=3", "trainer.keep_last=5",
+        "data.shuffle_buffer=8", "parallel.strategy=fsdp2", "trainer.resume=auto",
+        "trainer.micro_batch_size=2", "schedule.warmup_steps=2", "schedule.lr_peak=3e-3",
+        "parallel.data_shards=4"]
+
+
+def four(work: Path) -> dict:
+    """A straight 4-process FSDP2 run (4 data shards, one micro-batch each per step) in
+    WORKDIR/four, checkpointed at step 3."""
+    if RANK == 0:
+        shutil.copytree(work / "tokenizer", work / "four" / "tokenizer", dirs_exist_ok=True)
+    dist.barrier()
+    result = run(pretrain_config(work / "four", work / "corpus", *FOUR, "trainer.grad_accum=1"))
+    return {"four": history(result, "loss", "grad_norm")}
+
+
+def four_on_two(work: Path) -> dict:
+    """The 4-process run's step-3 checkpoint resumed on 2 processes (2 shards each)."""
+    if RANK == 0:
+        step3 = work / "four" / "run" / "checkpoints" / "step_00000003"
+        shutil.copytree(work / "tokenizer", work / "four_on_two" / "tokenizer",
+                        dirs_exist_ok=True)
+        shutil.copytree(step3, work / "four_on_two" / "run" / "checkpoints" / step3.name)
+    dist.barrier()
+    result = run(pretrain_config(work / "four_on_two", work / "corpus", *FOUR,
+                                 "trainer.grad_accum=2"))
+    return {"four_on_two": history(result, "loss", "grad_norm")}
+
+
 def main(task: str, work: str, out_file: str) -> None:
     from accelerate import Accelerator
 
     Accelerator(cpu=True)  # initialises the gloo process group from torchrun's environment
-    out = {"equality": equality, "resume": resume}[task](Path(work))
+    tasks = {"equality": equality, "resume": resume, "four": four, "four_on_two": four_on_two}
+    out = tasks[task](Path(work))
     if RANK == 0:
         Path(out_file).write_text(json.dumps(out, indent=1))
     dist.barrier()

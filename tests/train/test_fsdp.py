@@ -20,6 +20,7 @@ import torch
 
 from bitnet_train.io import load_model
 from bitnet_train.train.run import run
+from tests.conftest import free_port
 from tests.train.fsdp_worker import DPO, PRETRAIN, SFT
 from tests.train.helpers import (
     bitlinear_modules,
@@ -43,12 +44,13 @@ def work(tmp_path_factory):
     return root
 
 
-def launch(task: str, work: Path, port: int, accelerate: bool = False) -> dict:
+def launch(task: str, work: Path, port: int, accelerate: bool = False, processes: int = 2
+           ) -> dict:
     """fsdp_worker.py TASK on 2 processes: through torchrun, or `accelerate launch` (its
     multi-GPU launcher; the workers still train on the CPU, trainer.device=cpu)."""
     out = work / f"{task}.json"
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(port)]
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                "--master_port", str(port)]
     if accelerate:
         launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -86,7 +88,7 @@ def test_fsdp2_and_ddp_equal_one_process(work):
     init's exact weights; ternary all-gather moves less than a third of fp32's bytes; and
     accelerate's own FSDP2 preparation keeps our tied lm_head in the optimizer (issue 9's
     divergence: it untied it, and lm_head trained frozen)."""
-    got = launch("equality", work, 29541)
+    got = launch("equality", work, free_port())
     shutil.copytree(work / "tokenizer", work / "one" / "tokenizer")
     one = run(pretrain_config(work / "one", work / "corpus", *PRETRAIN, "trainer.grad_accum=2"))
     reference = single(one, "loss", "grad_norm")
@@ -157,7 +159,7 @@ def test_fsdp2_checkpoints_resume_on_1_and_2_processes(work, tmp_path):
     assert (ckpt / "model_optim" / ".metadata").is_file()
     assert not (ckpt / "model.safetensors").exists()  # sharded: nobody wrote the whole model
 
-    got = launch("resume", work, 29542, accelerate=True)
+    got = launch("resume", work, free_port(), accelerate=True)
     two = got["two"]
     assert_same_steps(got["two_resumed"], two[4:], ("loss", "grad_norm"), "2 -> 2")
     assert_same_steps(got["one_on_two"], single(one, "loss", "grad_norm")[4:],
@@ -188,6 +190,16 @@ def test_fsdp2_checkpoints_resume_on_1_and_2_processes(work, tmp_path):
         codes_back, scale_back = ternary_weight(unpacked[name].weight)
         assert torch.equal(codes, codes_back), name
         assert scale_back == pytest.approx(float(scale), rel=1e-2), name  # stored in bf16
+
+
+def test_fsdp2_checkpoint_of_4_processes_resumes_on_2(work):
+    """4 -> 2: a 4-process run's sharded checkpoint (4 data shards) continues on 2 processes,
+    each reading 2 shards from their saved positions: the same losses and gradient norms as
+    the 4-process run from the resumed step on."""
+    straight = launch("four", work, free_port(), processes=4)["four"]
+    resumed = launch("four_on_two", work, free_port())["four_on_two"]
+    assert [h["step"] for h in straight] == list(range(6))
+    assert_same_steps(resumed, straight[3:], ("loss", "grad_norm"), "4 -> 2")
 
 
 def test_a_data_shard_count_that_does_not_split_is_refused(work, tmp_path):
