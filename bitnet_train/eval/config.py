@@ -15,7 +15,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from bitnet_train.errors import ConfigError
 
-EXTERNAL_KINDS = ("humaneval_plus", "mt_bench")
+EXTERNAL_KINDS = ("humaneval_plus", "mt_bench", "math500")
 
 
 @dataclass
@@ -48,10 +48,11 @@ class TaskSpec:
 @dataclass
 class ExternalSpec:
     """A benchmark scored outside lm-eval: we write the model's answers in the format of its
-    scorer and state the command that scores them."""
+    scorer and state the command that scores them, or (MATH-500) score them ourselves."""
 
     kind: str = MISSING
-    """humaneval_plus (evalplus) | mt_bench (FastChat's llm_judge, GPT-4 as judge)."""
+    """humaneval_plus (evalplus) | mt_bench (FastChat's llm_judge, GPT-4 as judge) | math500
+    (scored here: bitnet_train.eval.math_answers)."""
     label: str = ""
     dataset: str = ""
     """Hub id or local .jsonl of the prompts (default: the benchmark's hub set)."""

@@ -9,9 +9,15 @@
   first answer, at FastChat's temperature for the question's category (0: greedy). Written in
   FastChat's `model_answer/<model_id>.jsonl` layout; GPT-4 judges them (`gen_judgment.py`, an
   OpenAI key), hence not run here.
+- MATH-500 (the report used its own scorer, as we do): each problem in a chat turn with the
+  usual instruction to reason step by step and box the final answer, greedy. Scored here by
+  `math_answers` (the last `\\boxed{}` against the reference answer, in the MATH benchmark's
+  normalization) and written as `math500/samples.jsonl` ({unique_id, problem, generation,
+  extracted, answer, correct, ...}); its accuracy is a row of the table like lm-eval's.
 
-Prompts come from the hub (evalplus/humanevalplus, HuggingFaceH4/mt_bench_prompts) or from a
-local .jsonl with the same fields, both through `datasets.load_dataset`.
+Prompts come from the hub (evalplus/humanevalplus, HuggingFaceH4/mt_bench_prompts,
+HuggingFaceH4/MATH-500) or from a local .jsonl with the same fields, both through
+`datasets.load_dataset`.
 """
 
 from __future__ import annotations
@@ -19,12 +25,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from bitnet_train.errors import DataError
 from bitnet_train.eval.config import ExternalSpec
 from bitnet_train.eval.generation import GenerationConfig, generate_text
+from bitnet_train.eval.math_answers import is_equivalent, last_boxed
 
 EVALPLUS_INSTRUCTION = ("Please provide a self-contained Python script that solves the "
                         "following problem in a markdown code block:")
@@ -33,8 +41,11 @@ EVALPLUS_RESPONSE = ("Below is a Python script with a self-contained function th
 MT_BENCH_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0,
                         "coding": 0.0, "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
 """FastChat llm_judge's sampling temperature per MT-bench category."""
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+"""Appended to every MATH-500 problem (the Qwen / DeepSeek chat prompt for MATH)."""
 DEFAULTS = {"humaneval_plus": ("evalplus/humanevalplus", "test", "HumanEval+"),
-            "mt_bench": ("HuggingFaceH4/mt_bench_prompts", "train", "MT-bench")}
+            "mt_bench": ("HuggingFaceH4/mt_bench_prompts", "train", "MT-bench"),
+            "math500": ("HuggingFaceH4/MATH-500", "test", "MATH-500")}
 
 
 def load_prompts(spec: ExternalSpec):
@@ -104,6 +115,54 @@ def mt_bench(spec: ExternalSpec, model, tokenizer, batch_size: int, model_id: st
             for r, a in zip(records, answers)]
 
 
+def math500_reference(record: dict, index: int, source: str) -> str:
+    """The record's reference answer: its `answer`, else the last box of its `solution`
+    (DataError naming the record when it has neither)."""
+    if record.get("answer") not in (None, ""):
+        return str(record["answer"])
+    boxed = last_boxed(record.get("solution") or "")
+    if boxed is None:
+        raise DataError(f"MATH-500 {source}: record {index} "
+                        f"({record.get('unique_id') or 'no unique_id'}) has no `answer` and no "
+                        "\\boxed{} in its `solution`; give every record an `answer`")
+    return boxed
+
+
+def score_math500(records: Sequence[dict], generations: Sequence[str],
+                  source: str = "prompts") -> list[dict]:
+    """One sample per problem, scored: {unique_id, problem, generation, extracted (the last
+    `\\boxed{}` or None), answer, correct, subject, level}. `source` names the data in errors."""
+    samples = []
+    for i, (record, generation) in enumerate(zip(records, generations, strict=True)):
+        answer = math500_reference(record, i, source)
+        extracted = last_boxed(generation)
+        samples.append({"unique_id": record.get("unique_id") or str(i),
+                        "problem": record["problem"], "generation": generation,
+                        "extracted": extracted, "answer": answer,
+                        "correct": is_equivalent(extracted, answer),
+                        "subject": record.get("subject"), "level": record.get("level")})
+    return samples
+
+
+def math500(spec: ExternalSpec, model, tokenizer, batch_size: int) -> list[dict]:
+    """Greedy solutions of every MATH-500 problem, scored (see module doc)."""
+    records = list(load_prompts(spec))
+    source = spec.dataset or DEFAULTS["math500"][0]
+    if not records:
+        raise DataError(f"MATH-500 {source}: no problems")
+    for i, r in enumerate(records):
+        if not isinstance(r.get("problem"), str) or not r["problem"].strip():
+            raise DataError(f"MATH-500 {source}: record {i} has no `problem` text (each record "
+                            "needs problem, and answer or a solution with a \\boxed{} answer)")
+    prompts = [_chat(tokenizer, [{"role": "user",
+                                  "content": f"{r['problem'].strip()}\n{MATH_INSTRUCTION}"}])
+               for r in records]
+    replies = generate_text(model, tokenizer, prompts,
+                            GenerationConfig(max_new_tokens=spec.max_new_tokens),
+                            batch_size=batch_size)
+    return score_math500(records, replies, source)
+
+
 def write_external(spec: ExternalSpec, model, tokenizer, tmp: Path, final: Path, model_id: str,
                    batch_size: int, seed: int) -> tuple[Any, list[str]]:
     """Generate `spec`'s answers into `tmp` (published later as `final`); returns the results
@@ -120,6 +179,13 @@ def write_external(spec: ExternalSpec, model, tokenizer, tmp: Path, final: Path,
                     f"{where.with_name('samples-sanitized.jsonl')}"]
         row = Row(label, "evalplus", 0, True, "pass@1", spec.report,
                   note=f"{len(samples)} samples, scored by evalplus (below)")
+    elif spec.kind == "math500":
+        samples = math500(spec, model, tokenizer, batch_size)
+        rel, commands = Path("math500") / "samples.jsonl", []
+        accuracy = 100.0 * sum(s["correct"] for s in samples) / len(samples)
+        row = Row(label, "own scorer", 0, True, "accuracy", spec.report, accuracy,
+                  note=f"{len(samples)} problems, greedy, the last \\boxed{{}} against the "
+                       "answer in the MATH normalization (bitnet_train.eval.math_answers)")
     else:
         samples = mt_bench(spec, model, tokenizer, batch_size, model_id, seed)
         rel = Path("mt_bench") / "model_answer" / f"{model_id}.jsonl"

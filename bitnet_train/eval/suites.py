@@ -6,10 +6,13 @@
       index lm-eval's tasks (+ include_path) -> check every name      (unknown task: one error)
       load every task, downloading its data set                       (offline: one error)
       for each (shots, chat template) group: lm_eval.simple_evaluate(BitNetLM(model), tasks)
-      external benchmarks (HumanEval+, MT-bench): generate answers in their scorer's format
+      external benchmarks (HumanEval+, MT-bench): generate answers in their scorer's format;
+        MATH-500: generate and score here (math_answers)
       -> output_dir/, written atomically:
            harness/<group>.json      the harness's results JSON, as `lm_eval` writes it
            samples/<task>.jsonl      every example's prompt, response and score
+           math500/samples.jsonl     every MATH-500 solution, its boxed answer and whether it
+                                     is right
            results.json, results.md  our numbers beside the report's, and the commands that
                                      score the external answers
 """
@@ -301,7 +304,7 @@ def run_eval(cfg: EvalRunConfig) -> EvalOutput:
 
     from bitnet_train.atomic import atomic_directory
     from bitnet_train.eval.harness import BitNetLM
-    from bitnet_train.eval.samples import write_external
+    from bitnet_train.eval.samples import load_prompts, write_external
 
     suite = cfg.eval
     out_dir = Path(cfg.output_dir) if cfg.output_dir else (
@@ -316,6 +319,8 @@ def run_eval(cfg: EvalRunConfig) -> EvalOutput:
         check_task_names(task_manager, suite.tasks)
         for spec in suite.tasks:  # every data set up front: fail before hours of compute
             loaded[spec.task] = load_task(task_manager, spec)
+    for external in suite.external:  # their prompts too (the datasets cache serves them again)
+        load_prompts(external)
     lm = BitNetLM(model, tokenizer, batch_size=suite.batch_size, max_gen_toks=suite.max_gen_toks,
                   name=model_id)
     harness = run_harness(lm, suite, task_manager, loaded) if suite.tasks else {}
@@ -332,6 +337,8 @@ def run_eval(cfg: EvalRunConfig) -> EvalOutput:
                                        suite.batch_size, suite.seed)
             rows.append(row)
             commands += cmds
+            if row.ours is not None and row.note:  # scored here: say how, under the table
+                notes.append(f"{row.label}: {row.note}")
         for name, results in harness.items():
             samples = results.pop("samples", None)
             _write_json(tmp / "harness" / f"{name}.json", results, handle_non_serializable)
