@@ -24,7 +24,12 @@ from bitnet_train.data.tokenizer import load_tokenizer
 from bitnet_train.errors import DataError
 from bitnet_train.train.config import compose, to_train_config
 from bitnet_train.train.run import run
-from tests.train.helpers import TINY_MODEL, make_tokenizer, pretrain_config
+from tests.train.helpers import (
+    TINY_MODEL,
+    make_tokenizer,
+    pretrain_config,
+    write_chat_pairs_and_tokenizer,
+)
 
 NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank"]
 THINGS = ["apples", "books", "coins", "pens"]
@@ -183,23 +188,13 @@ QA = [("What is the capital of France?", "Paris is the capital of France."),
 
 @pytest.fixture(scope="module")
 def chat_dir(tmp_path_factory):
-    from bitnet_train.data.chat import CHAT_TEMPLATE
-    from bitnet_train.data.demo_data import write_demo_pairs
-    from bitnet_train.data.tokenizer import train_demo_tokenizer
-
     root = tmp_path_factory.mktemp("chat")
     with (root / "chat.jsonl").open("w") as f:
         for i in range(32):
             q, a = QA[i % len(QA)]
             f.write(json.dumps({"messages": [{"role": "user", "content": f"{q} ({i})"},
                                              {"role": "assistant", "content": a}]}) + "\n")
-    write_demo_pairs(root)
-    texts = [q + " " + a for q, a in QA] * 20
-    texts += [json.loads(line)["prompt"] + " " + json.loads(line)["chosen"]
-              for line in (root / "pairs.jsonl").read_text().splitlines()[:300]]
-    tok = train_demo_tokenizer(texts, root / "tokenizer", vocab_size=500)
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(str(root / "tokenizer"))
+    write_chat_pairs_and_tokenizer(root, QA, pair_lines=300)
     return root
 
 

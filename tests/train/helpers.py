@@ -65,9 +65,6 @@ QA = [
 def write_chat_data(root: Path) -> Path:
     """root/chat.jsonl (30 conversations), the demo preference pairs and a tokenizer with the
     chat template, for SFT and DPO runs."""
-    from bitnet_train.data.chat import CHAT_TEMPLATE
-    from bitnet_train.data.demo_data import write_demo_pairs
-
     root.mkdir(parents=True, exist_ok=True)
     with (root / "chat.jsonl").open("w") as f:
         for i in range(30):
@@ -76,14 +73,24 @@ def write_chat_data(root: Path) -> Path:
             if i % 3 == 0:
                 msgs.insert(0, {"role": "system", "content": "Answer in one sentence."})
             f.write(json.dumps({"messages": msgs}) + "\n")
+    write_chat_pairs_and_tokenizer(root, QA, pair_lines=400)
+    return root
+
+
+def write_chat_pairs_and_tokenizer(root: Path, qa: list[tuple[str, str]], pair_lines: int
+                                   ) -> None:
+    """root/pairs.jsonl (the demo preference pairs) and root/tokenizer: a 500-token BPE trained
+    on the `qa` texts and the first `pair_lines` pairs, with the chat template."""
+    from bitnet_train.data.chat import CHAT_TEMPLATE
+    from bitnet_train.data.demo_data import write_demo_pairs
+
     write_demo_pairs(root)
-    texts = [q + " " + a for q, a in QA] * 20
+    texts = [q + " " + a for q, a in qa] * 20
     texts += [json.loads(line)["prompt"] + " " + json.loads(line)["chosen"]
-              for line in (root / "pairs.jsonl").read_text().splitlines()[:400]]
+              for line in (root / "pairs.jsonl").read_text().splitlines()[:pair_lines]]
     tok = train_demo_tokenizer(texts, root / "tokenizer", vocab_size=500)
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(str(root / "tokenizer"))
-    return root
 
 
 def chat_config(recipe: str, root: Path, out: Path, *overrides: str) -> TrainConfig:
